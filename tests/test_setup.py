@@ -1,0 +1,63 @@
+"""The set-up files agree with each other: pixi.toml, pyproject.toml, README.md and .ci/run.
+
+pixi cannot run where the tests run, so pixi.toml is checked against pixi's own manifest JSON schema, which the
+checkout's ../shared/pixi/ holds.
+"""
+
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import jsonschema
+
+ROOT = Path(__file__).resolve().parents[1]
+PIXI_SCHEMA = ROOT.parent / "shared" / "pixi" / "manifest-schema.json"
+REQUIRED = {"torch", "clearml", "numpy", "tqdm", "requests"}
+
+
+def load_toml(name: str) -> dict:
+    return tomllib.loads((ROOT / name).read_text(encoding="utf-8"))
+
+
+def requirement_name(spec: str) -> str:
+    return re.split(r"[\s<>=!~\[;]", spec, maxsplit=1)[0].lower()
+
+
+def test_pixi_manifest_follows_pixi_schema():
+    schema = json.loads(PIXI_SCHEMA.read_text(encoding="utf-8"))
+    jsonschema.validate(load_toml("pixi.toml"), schema)
+
+
+def test_pixi_targets_the_three_platforms_from_conda_forge():
+    workspace = load_toml("pixi.toml")["workspace"]
+    assert workspace["channels"] == ["conda-forge"]
+    assert set(workspace["platforms"]) == {"linux-64", "osx-arm64", "win-64"}
+
+
+def test_pixi_installs_the_project_itself_with_its_dependencies():
+    pixi, project = load_toml("pixi.toml"), load_toml("pyproject.toml")["project"]
+    this = pixi["pypi-dependencies"][project["name"]]
+    assert (ROOT / this["path"] / "pyproject.toml").is_file() and this["editable"]
+    assert set(this["extras"]) <= set(project["optional-dependencies"])
+    assert {requirement_name(d) for d in project["dependencies"]} == REQUIRED
+    # Nothing is pinned twice: every Python package comes from pyproject.toml, only Python itself from conda.
+    assert set(pixi["dependencies"]) == {"python"}
+
+
+def test_pixi_tasks_run_real_files():
+    tasks = load_toml("pixi.toml")["tasks"]
+    assert set(tasks) >= {"train", "test"}
+    assert shlex.split(tasks["train"]["cmd"]) == ["python", "main.py"]
+    assert (ROOT / "main.py").is_file()
+    assert shlex.split(tasks["test"]["cmd"])[:3] == ["python", "-m", "pytest"]
+    assert (ROOT / load_toml("pyproject.toml")["tool"]["pytest"]["ini_options"]["testpaths"][0]).is_dir()
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "python -m pytest" in readme and "pixi run test" in readme
+    assert "python -m pytest" in ci
+    assert "pip install torch==" in ci and 'pip install -e ".[test]"' in ci
