@@ -1,0 +1,116 @@
+"""Helpers for tests that run main.py as a user would, in its own git repository, and read ClearML offline sessions."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The TinyStories samples beside the checkout (../shared/data); see SOURCES.txt there.
+SHARED_DATA = ROOT.parent / "shared" / "data"
+TRAIN_SAMPLE = SHARED_DATA / "tinystories-train-sample.txt"
+PROJECT_FILES = ("main.py", "model.py", "data.py", "tokenizer.py", "tracking.py")
+TINY_MODEL = [
+    "--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64",
+    "--batch_size", "16", "--vocab_size", "512", "--sample_tokens", "20",
+]  # fmt: skip
+
+
+@dataclass
+class Project:
+    """A copy of the program in its own git repository (no remote), with its own HOME and cache."""
+
+    path: Path
+    home: Path
+    cache: Path
+
+    def env(self, **extra: str) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
+        env.update(HOME=str(self.home), GPT_FROM_SCRATCH_CACHE=str(self.cache), PYTHONUNBUFFERED="1", **extra)
+        return env
+
+    def run(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "main.py", *args],
+            cwd=self.path,
+            env=self.env(**env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def start(self, *args: str, **env: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "main.py", *args],
+            cwd=self.path,
+            env=self.env(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def sessions(self) -> list["OfflineSession"]:
+        """ClearML offline sessions written under this HOME, oldest first."""
+        folders = (self.home / ".clearml" / "cache" / "offline").glob("*/")
+        return [OfflineSession(f) for f in sorted(folders, key=lambda f: f.stat().st_mtime) if f.is_dir()]
+
+
+@dataclass
+class OfflineSession:
+    folder: Path
+
+    @property
+    def task(self) -> dict:
+        return json.loads((self.folder / "task.json").read_text())
+
+    def events(self) -> list[dict]:
+        lines = (self.folder / "metrics.jsonl").read_text().splitlines()
+        return [event for line in lines if line.strip() for event in json.loads(line)]
+
+    def scalars(self, title: str, series: str) -> dict[int, float]:
+        return {
+            e["iter"]: e["value"]
+            for e in self.events()
+            if e["type"] == "training_stats_scalar" and e["metric"] == title and e["variant"] == series
+        }
+
+    def debug_samples(self, title: str) -> list[dict]:
+        return [e for e in self.events() if e["type"] == "training_debug_image" and e["metric"] == title]
+
+    def console(self) -> str:
+        lines = (self.folder / "log.jsonl").read_text().splitlines()
+        return "\n".join(r["msg"] for line in lines if line.strip() for r in json.loads(line).get("requests", []))
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def make_project(tmp_path: Path) -> Project:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in PROJECT_FILES:
+        shutil.copy(ROOT / name, repo / name)
+    git(repo, "init", "-q")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@example.com", "add", ".")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "baseline")
+    home = tmp_path / "home"
+    home.mkdir()
+    return Project(repo, home, tmp_path / "cache")
+
+
+def wait_for_line(stream, needle: str, timeout: float) -> str:
+    """Read lines from a pipe until one contains `needle`; returns everything read."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} not seen within {timeout} s; got:\n{''.join(seen)}")
