@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import tracking
 from model import ARCHS, GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -412,40 +413,31 @@ def main(argv: list[str] | None = None) -> int:
     args, checkpoint = resolve_args(parser, argv)
     device = pick_device(parser, args.device)
     dtype, autocast = autocast_context(parser, device, args.dtype)
+    out_dir = None if args.eval_only else prepare_out_dir(parser, args)
     torch.manual_seed(args.seed)
 
     tokenizer = tokenizer_from_text(checkpoint["tokenizer"]) if checkpoint else None
     splits = load_data(parser, args, tokenizer)
-    tokenizer = splits.tokenizer
-    config = (
-        GPTConfig(**checkpoint["model_config"])
-        if checkpoint
-        else GPTConfig(
-            vocab_size=tokenizer.vocab_size,
-            block_size=args.block_size,
-            n_layer=args.n_layer,
-            n_head=args.n_head,
-            n_embd=args.n_embd,
-            dropout=args.dropout,
-            bias=args.bias,
-            arch=args.arch,
-        )
+    config = GPTConfig(
+        vocab_size=splits.tokenizer.vocab_size,
+        block_size=args.block_size,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+        dropout=args.dropout,
+        bias=args.bias,
+        arch=args.arch,
     )
-    config.dropout = args.dropout
     model = GPT(config).to(device)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
     if args.eval_only:
         evaluate_only(args, model, splits, device, autocast)
         return 0
-
-    out_dir = prepare_out_dir(parser, args)
     return train(args, checkpoint, model, splits, device, dtype, autocast, out_dir)
 
 
 def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Path) -> int:
-    import tracking  # imported late: ClearML is only needed once training starts
-
     tokenizer = splits.tokenizer
     tokenizer_path = out_dir / "tokenizer.json"
     tokenizer.save(tokenizer_path)
