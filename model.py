@@ -8,6 +8,8 @@ Design choices:
   "modern" (default): rotary position embeddings, parameter-free RMSNorm, QK-norm, ReLU² MLP, untied input and
   output embeddings, no biases: what nanochat and modded-nanogpt use for small GPTs.
   "gpt2": learned positions, LayerNorm, GELU MLP, tied embeddings: the plain GPT-2 block, kept for comparison.
+- On the CPU the loss has its own lean backward (`SoftmaxCrossEntropy`): the (tokens x vocab) logits are the
+  largest tensor of a small model's step, and PyTorch's cross_entropy passes over them several times.
 - Residual projections start small (std scaled by 1/sqrt(2 * n_layer)), as in GPT-2.
 - `flops_per_token` gives the training FLOPs estimate (6N + attention) used for MFU.
 """
@@ -121,6 +123,35 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class SoftmaxCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits (N, V) against targets (N,), with a backward of one pass over the logits.
+
+    On the CPU, F.cross_entropy's backward zero-fills an (N, V) gradient for nll_loss, scatters into it, then runs
+    log_softmax's backward: several passes over the largest tensor of a training step. Here the gradient is the
+    softmax computed in place, minus one at each target (bench/bench_train_step.py measures the difference).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, lse, targets)
+        return (lse - logits.gather(1, targets[:, None]).squeeze(1)).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, lse, targets = ctx.saved_tensors
+        grad_logits = torch.sub(logits, lse[:, None]).exp_()
+        grad_logits.scatter_add_(1, targets[:, None], grad_logits.new_full((len(targets), 1), -1.0))
+        return grad_logits.mul_(grad / len(targets)), None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+    if logits.device.type == "cpu":
+        return SoftmaxCrossEntropy.apply(logits, targets)
+    return F.cross_entropy(logits, targets)  # fused kernels on GPUs
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -176,7 +207,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # only the last position is needed to sample
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        loss = cross_entropy(logits.float(), targets)
         return logits, loss
 
     def configure_optimizers(

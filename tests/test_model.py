@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import ARCHS, GPT, GPTConfig
+from model import ARCHS, GPT, GPTConfig, cross_entropy
 
 
 def tiny(arch: str, **overrides) -> GPT:
@@ -81,3 +81,14 @@ def test_flops_per_token_counts_matmul_weights():
     # per layer: attention 4*4*3 + 4*4, MLP 4*16*2, LayerNorm weights 2*4; final LayerNorm 4; tied token table 100*4
     weights = (48 + 16 + 128 + 8) + 4 + 400
     assert model.flops_per_token() == 6 * weights + 12 * 1 * 4 * 8
+
+
+def test_cross_entropy_matches_pytorch_in_value_and_gradient():
+    logits = torch.randn(64, 50, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (64,))
+    assert torch.autograd.gradcheck(lambda x: cross_entropy(x, targets), (logits,))
+    ours = cross_entropy(logits, targets)
+    (grad_ours,) = torch.autograd.grad(ours, logits)
+    reference = torch.nn.functional.cross_entropy(logits, targets)
+    (grad_reference,) = torch.autograd.grad(reference, logits)
+    assert torch.allclose(ours, reference) and torch.allclose(grad_ours, grad_reference)
