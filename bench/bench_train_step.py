@@ -1,0 +1,119 @@
+"""
+Training-step time of this project's GPT against nanoGPT's model: same shape, same AdamW settings, same process.
+
+    python bench/bench_train_step.py --nanogpt PATH_TO_NANOGPT_CHECKOUT [--compile]
+
+PATH_TO_NANOGPT_CHECKOUT is a clone of github.com/karpathy/nanoGPT (only its model.py is imported). A step is what
+a training loop does per batch: forward with loss, backward, gradient clipping, AdamW step, zero_grad. Candidates
+are timed in alternating rounds, so load from elsewhere on the machine hits all of them alike; each reports its best
+round. Ratios are against nanoGPT's model run eagerly, as its README runs it on a CPU.
+"""
+
+import argparse
+import importlib.util
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import GPT, GPTConfig  # noqa: E402
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu} ({capability}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def load_nanogpt(path: Path):
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_step(model, args):
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    x = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size))
+    y = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size))
+
+    def step():
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def candidates(args) -> dict:
+    shape = dict(
+        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
+        vocab_size=args.vocab_size, dropout=0.0,
+    )  # fmt: skip
+    nano = load_nanogpt(args.nanogpt)
+    torch.manual_seed(0)
+    models = {
+        "nanoGPT (eager)": nano.GPT(nano.GPTConfig(**shape, bias=True)),
+        "ours, --arch gpt2 (eager)": GPT(GPTConfig(**shape, arch="gpt2")),
+        "ours, --arch modern (eager)": GPT(GPTConfig(**shape, arch="modern")),
+    }
+    if args.compile:
+        models["nanoGPT (compiled)"] = nano.GPT(nano.GPTConfig(**shape, bias=True))
+        models["ours, --arch modern (compiled)"] = GPT(GPTConfig(**shape, arch="modern"))
+    steps = {}
+    for name, model in models.items():
+        step = make_step(model, args)
+        if "compiled" in name:
+            model.forward = torch.compile(model.forward)
+        started = time.perf_counter()
+        for _ in range(3):  # warm-up, and compilation for the compiled ones
+            step()
+        print(f"  {name}: warm-up {time.perf_counter() - started:.1f} s", flush=True)
+        steps[name] = step
+    return steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nanogpt", type=Path, required=True, help="a checkout of nanoGPT (its model.py is imported)")
+    p.add_argument("--n_layer", type=int, default=4)
+    p.add_argument("--n_head", type=int, default=4)
+    p.add_argument("--n_embd", type=int, default=128)
+    p.add_argument("--block_size", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--vocab_size", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    args = p.parse_args()
+
+    print(f"machine: {machine()}")
+    print(
+        f"shape: {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, block {args.block_size}, "
+        f"batch {args.batch_size}, vocab {args.vocab_size}"
+    )
+    steps = candidates(args)
+    best = {name: float("inf") for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            best[name] = min(best[name], (time.perf_counter() - started) / args.steps)
+    baseline = best["nanoGPT (eager)"]
+    print(f"{'model':34s} {'ms/step':>8s} {'speed-up':>9s}")
+    for name, seconds in best.items():
+        print(f"{name:34s} {seconds * 1e3:8.1f} {baseline / seconds:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
