@@ -1,0 +1,144 @@
+"""Never lose a run: real signals to real training processes, resume, divergence, an unreachable ClearML server.
+
+Training data is a slice of the TinyStories train sample beside the checkout (../shared/data, see SOURCES.txt).
+"""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from runner import TINY_MODEL, TRAIN_SAMPLE, make_project, wait_for_line
+
+QUICK = [*TINY_MODEL, "--data", "stories.txt", "--eval_iters", "2", "--eval_interval", "10", "--sample_tokens", "5"]
+
+
+@pytest.fixture
+def project(tmp_path):
+    project = make_project(tmp_path)
+    (project.path / "stories.txt").write_bytes(TRAIN_SAMPLE.read_bytes()[:400_000])
+    return project
+
+
+def finish(process: subprocess.Popen, timeout: float = 30) -> tuple[int, str, str, float]:
+    started = time.monotonic()
+    stdout, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stdout, stderr, time.monotonic() - started
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_after_first_eval_saves_checkpoint_and_aborts_task(project, signum):
+    process = project.start(*QUICK, "--max_steps", "100000", "--out_dir", "RUN")
+    wait_for_line(process.stdout, "step 0:", timeout=60)
+    process.send_signal(signum)
+    code, _, stderr, seconds = finish(process)
+    assert code == 130 and seconds < 15
+    assert "Traceback" not in stderr
+    assert "checkpoint saved to RUN/ckpt.pt" in stderr and "--resume RUN" in stderr
+    checkpoint = torch.load(project.path / "RUN" / "ckpt.pt", weights_only=False)
+    assert checkpoint["step"] >= 1
+    [session] = project.sessions()
+    assert "aborted" in session.task["tags"]
+
+
+def test_resume_continues_after_the_saved_step(project):
+    process = project.start(*QUICK, "--max_steps", "100000", "--out_dir", "RUN")
+    wait_for_line(process.stdout, "step 0:", timeout=60)
+    process.send_signal(signal.SIGINT)
+    assert finish(process)[0] == 130
+    saved_step = torch.load(project.path / "RUN" / "ckpt.pt", weights_only=False)["step"]
+
+    result = project.run("--resume", "RUN", "--max_seconds", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, resumed = project.sessions()
+    steps = sorted(resumed.scalars("Loss", "val"))
+    assert steps and steps[0] > saved_step
+    assert min(resumed.scalars("Train step", "loss")) == saved_step + 1
+    assert torch.load(project.path / "RUN" / "ckpt.pt", weights_only=False)["step"] > saved_step
+
+
+def test_second_ctrl_c_quits_at_once(project):
+    process = project.start(*QUICK, "--max_steps", "100000", "--out_dir", "RUN")
+    wait_for_line(process.stdout, "step 0:", timeout=60)
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)
+    code, _, stderr, seconds = finish(process)
+    assert code == 130 and seconds < 5
+    assert "checkpoint saved" not in stderr and "Traceback" not in stderr
+
+
+def test_resume_equals_uninterrupted(project):
+    """N steps, then resume for M more, gives the same losses as N + M steps in one go (dropout on)."""
+    flags = [*QUICK, "--dropout", "0.1", "--warmup_steps", "5"]
+    assert project.run(*flags, "--max_steps", "12", "--lr_decay_steps", "24", "--out_dir", "A").returncode == 0
+    assert project.run("--resume", "A", "--max_steps", "24").returncode == 0
+    assert project.run(*flags, "--max_steps", "24", "--out_dir", "B").returncode == 0
+    first, resumed, straight = project.sessions()
+    pieced = {**first.scalars("Train step", "loss"), **resumed.scalars("Train step", "loss")}
+    assert pieced == straight.scalars("Train step", "loss")
+    assert resumed.scalars("Loss", "val")[24] == straight.scalars("Loss", "val")[24]
+    a = torch.load(project.path / "A" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(project.path / "B" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_9_keeps_the_last_checkpoint_whole(project):
+    """Checkpointing at every step, SIGKILL lands during or between writes; what is on disk always loads."""
+    for delay in (2.0, 2.7, 3.4):
+        process = project.start(*QUICK, "--max_steps", "100000", "--checkpoint_interval", "1", "--out_dir", "RUN")
+        wait_for_line(process.stdout, "step 0:", timeout=60)
+        time.sleep(delay - 2.0)
+        process.kill()
+        process.wait()
+        checkpoint = torch.load(project.path / "RUN" / "ckpt.pt", weights_only=False)
+        assert checkpoint["step"] >= 1
+    result = project.run("--resume", "RUN", "--max_steps", str(checkpoint["step"] + 3))
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(project):
+    flags = [*QUICK, "--learning_rate", "50", "--min_lr", "50", "--warmup_steps", "0", "--grad_clip", "0"]
+    result = project.run(*flags, "--max_steps", "500", "--checkpoint_interval", "1", "--out_dir", "RUN")
+    assert result.returncode == 1
+    assert "\ntraining diverged at step" in result.stderr
+    assert "Traceback" not in result.stderr
+    checkpoint = torch.load(project.path / "RUN" / "ckpt.pt", weights_only=False)
+    assert torch.isfinite(torch.tensor(checkpoint["best_val_loss"]))
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+    [session] = project.sessions()
+    assert "failed" in session.task["tags"]
+
+
+def test_unreachable_server_falls_back_to_offline(project):
+    started = time.monotonic()
+    result = project.run(
+        *QUICK, "--max_steps", "3", "--out_dir", "RUN",
+        CLEARML_API_HOST="http://127.0.0.1:9", CLEARML_API_ACCESS_KEY="key", CLEARML_API_SECRET_KEY="secret",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert time.monotonic() - started < 90
+    warnings = [line for line in result.stderr.splitlines() if "does not answer" in line]
+    assert len(warnings) == 1 and "http://127.0.0.1:9" in warnings[0]
+    assert len(project.sessions()) == 1
+
+
+def test_run_outside_a_git_repository_says_so(tmp_path, project):
+    (project.path / ".git").rename(tmp_path / "git-moved-away")
+    result = project.run(*QUICK, "--max_steps", "2", "--out_dir", "RUN", timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "is not a git repository" in result.stderr
+
+
+def test_commit_and_diff_are_recorded_with_a_remote(project):
+    subprocess.run(["git", "remote", "add", "origin", "https://example.com/me/gpt.git"], cwd=project.path, check=True)
+    with open(project.path / "main.py", "a") as f:
+        f.write("# local edit\n")
+    result = project.run(*QUICK, "--max_steps", "2", "--out_dir", "RUN", timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [session] = project.sessions()
+    script = session.task["script"]
+    assert script["repository"] == "https://example.com/me/gpt.git"
+    assert len(script["version_num"]) == 40 and "+# local edit" in script["diff"]
+    assert json.dumps(session.task)  # the session is plain JSON a server import can read
