@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="stop training when this wall-clock budget is spent, then evaluate and save",
     )
-    g.add_argument("--learning_rate", type=in_range(float, 0, low_open=True), default=1e-3, help="peak learning rate")
+    g.add_argument(
+        "--learning_rate", type=in_range(float, 0, low_open=True), default=1e-3, help="peak AdamW learning rate"
+    )
     g.add_argument("--min_lr", type=in_range(float, 0), default=1e-4, help="learning rate at the end of the decay")
     g.add_argument("--warmup_steps", type=in_range(int, 0), default=100, help="linear warmup steps")
     g.add_argument(
@@ -135,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="steps over which the learning rate decays (default: max_steps)",
     )
+    g.add_argument(
+        "--optimizer",
+        choices=("muon", "adamw"),
+        default="muon",
+        help="muon: Muon for hidden matrices, AdamW for embeddings and vectors; adamw: AdamW for all",
+    )
+    g.add_argument("--muon_lr", type=in_range(float, 0, low_open=True), default=0.02, help="peak Muon learning rate")
     g.add_argument("--weight_decay", type=in_range(float, 0), default=0.1, help="AdamW weight decay on matrices")
     g.add_argument("--beta1", type=in_range(float, 0, 1, high_open=True), default=0.9, help="AdamW beta1")
     g.add_argument("--beta2", type=in_range(float, 0, 1, high_open=True), default=0.95, help="AdamW beta2")
@@ -441,7 +450,9 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
     tokenizer = splits.tokenizer
     tokenizer_path = out_dir / "tokenizer.json"
     tokenizer.save(tokenizer_path)
-    optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2), device)
+    muon_lr = args.muon_lr if args.optimizer == "muon" else None
+    betas = (args.beta1, args.beta2)
+    optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, betas, device, muon_lr=muon_lr)
     batch_generator = torch.Generator().manual_seed(args.seed)
     step, best_val, best_train = 0, float("inf"), float("inf")
     if checkpoint:
@@ -527,7 +538,7 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
             progress = max(progress, elapsed / args.max_seconds)
         lr = learning_rate(step, progress, args)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group["initial_lr"] * lr / args.learning_rate
 
         t0 = time.perf_counter()
         loss_sum = 0.0

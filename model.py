@@ -11,6 +11,8 @@ Design choices:
 - On the CPU the loss has its own lean backward (`SoftmaxCrossEntropy`): the (tokens x vocab) logits are the
   largest tensor of a small model's step, and PyTorch's cross_entropy passes over them several times.
 - Residual projections start small (std scaled by 1/sqrt(2 * n_layer)), as in GPT-2.
+- `configure_optimizers` gives AdamW, or Muon (orthogonalized momentum) for the hidden matrices with AdamW for
+  the rest, which reaches a lower loss in the same number of steps for small GPTs.
 - `flops_per_token` gives the training FLOPs estimate (6N + attention) used for MFU.
 """
 
@@ -152,6 +154,65 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, targets)  # fused kernels on GPUs
 
 
+def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Push a matrix's singular values towards 1 with a quintic Newton–Schulz iteration (as in modded-nanogpt).
+
+    The coefficients trade exactness for speed: singular values land roughly in [0.7, 1.2], which is enough.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = update / (update.norm() + 1e-7)
+    wide = x.size(0) <= x.size(1)
+    if not wide:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.T
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for groups with `use_muon`, AdamW for the others, in one optimizer (one state dict, one step).
+
+    Muon: Nesterov momentum, then the update matrix is orthogonalized, so every direction of a weight matrix
+    moves by about the same amount; scaled by sqrt(rows / cols) for tall matrices. Embeddings, the output head
+    and vectors keep AdamW, where orthogonal updates do not fit.
+    """
+
+    def __init__(self, groups: list[dict], betas: tuple[float, float], momentum: float = 0.95, eps: float = 1e-8):
+        super().__init__(groups, dict(betas=betas, momentum=momentum, eps=eps, weight_decay=0.0))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group["use_muon"]:
+                    self._muon_update(p, group)
+                else:
+                    self._adamw_update(p, group)
+
+    def _muon_update(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        buffer = state.setdefault("momentum_buffer", torch.zeros_like(p))
+        buffer.mul_(group["momentum"]).add_(p.grad)
+        update = orthogonalize(p.grad.add(buffer, alpha=group["momentum"]))
+        p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+
+    def _adamw_update(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+        denominator = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / bias1)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -211,17 +272,39 @@ class GPT(nn.Module):
         return logits, loss
 
     def configure_optimizers(
-        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
-    ) -> torch.optim.AdamW:
-        """AdamW with weight decay on matrices only (not on norms, biases); fused kernel on CUDA."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        extra = {"fused": True} if fused else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        self,
+        weight_decay: float,
+        learning_rate: float,
+        betas: tuple[float, float],
+        device_type: str,
+        muon_lr: float | None = None,
+    ) -> torch.optim.Optimizer:
+        """AdamW, with weight decay on matrices only; or, given `muon_lr`, Muon for the hidden matrices.
+
+        Every group records its peak rate as `initial_lr`, so a schedule scales all groups alike.
+        """
+        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        if muon_lr is None:
+            groups = [
+                {"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0},
+            ]
+            fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+            extra = {"fused": True} if fused else {"foreach": True}
+            optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        else:
+            hidden = [p for name, p in params.items() if p.dim() == 2 and name.startswith("transformer.h.")]
+            tables = [p for name, p in params.items() if p.dim() == 2 and not name.startswith("transformer.h.")]
+            vectors = [p for p in params.values() if p.dim() < 2]
+            groups = [
+                {"params": hidden, "use_muon": True, "lr": muon_lr},
+                {"params": tables, "use_muon": False, "lr": learning_rate, "weight_decay": weight_decay},
+                {"params": vectors, "use_muon": False, "lr": learning_rate, "weight_decay": 0.0},
+            ]
+            optimizer = Muon([g for g in groups if g["params"]], betas=betas)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+        return optimizer
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6 per weight (forward + backward) plus attention scores and values."""

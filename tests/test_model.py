@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import ARCHS, GPT, GPTConfig, cross_entropy
+from model import ARCHS, GPT, GPTConfig, cross_entropy, orthogonalize
 
 
 def tiny(arch: str, **overrides) -> GPT:
@@ -47,11 +47,12 @@ def test_initial_loss_is_uniform_guess(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_overfits_one_batch(arch):
+@pytest.mark.parametrize("muon_lr", [None, 0.02])
+def test_overfits_one_batch(arch, muon_lr):
     model = tiny(arch)
     idx = torch.randint(0, 97, (4, 17))
     x, y = idx[:, :-1], idx[:, 1:]
-    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu", muon_lr=muon_lr)
     for _ in range(150):
         _, loss = model(x, y)
         optimizer.zero_grad()
@@ -92,3 +93,21 @@ def test_cross_entropy_matches_pytorch_in_value_and_gradient():
     reference = torch.nn.functional.cross_entropy(logits, targets)
     (grad_reference,) = torch.autograd.grad(reference, logits)
     assert torch.allclose(ours, reference) and torch.allclose(grad_ours, grad_reference)
+
+
+def test_orthogonalize_evens_out_singular_values():
+    update = torch.randn(32, 96) * torch.logspace(-3, 1, 96)  # columns of very different sizes
+    singular = torch.linalg.svdvals(orthogonalize(update))
+    assert singular.min() > 0.5 and singular.max() < 1.3
+    assert orthogonalize(update.T).shape == (96, 32)
+
+
+def test_muon_groups_cover_every_parameter_once():
+    model = tiny("modern")
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
+    muon = [p for g in optimizer.param_groups if g["use_muon"] for p in g["params"]]
+    adamw = [p for g in optimizer.param_groups if not g["use_muon"] for p in g["params"]]
+    assert len(muon) == 4 * model.config.n_layer  # attention qkv and output, MLP in and out
+    assert {id(model.transformer.wte.weight), id(model.lm_head.weight)} <= {id(p) for p in adamw}
+    assert len({id(p) for p in muon + adamw}) == len(list(model.parameters()))
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [0.02, 1e-3]
