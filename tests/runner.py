@@ -83,7 +83,7 @@ class OfflineSession:
 
     def console(self) -> str:
         lines = (self.folder / "log.jsonl").read_text().splitlines()
-        return "\n".join(r["msg"] for line in lines if line.strip() for r in json.loads(line).get("requests", []))
+        return "\n".join(event["msg"] for line in lines if line.strip() for event in json.loads(line))
 
 
 def git(cwd: Path, *args: str) -> str:
