@@ -13,6 +13,7 @@ Design choices:
   subprocess that the repository-detection thread is reading, which then never sees EOF and stalls `close()` for
   minutes, leaving the task without commit and diff. The class attribute is set before `Task.init`, so it holds
   whatever the user's clearml.conf says.
+- ClearML's own reseeding of torch at `Task.init` is off: it would undo the RNG state a resumed run restores.
 - Framework auto-logging is off: the checkpoint is registered once, explicitly, as the task's output model.
 - Offline sessions are marked completed when imported, so an aborted or failed run also gets a tag saying so.
 """
@@ -89,6 +90,7 @@ class Tracker:
         if not git_repository(source_dir):
             say(f"note: {source_dir} is not a git repository, so ClearML records no commit and no diff for this run.")
         Task._report_subprocess_enabled = False  # see the module docstring
+        Task.set_random_seed(None)  # ClearML would reseed torch at init; the run's own --seed decides
         self.task = Task.init(
             project_name=project,
             task_name=task_name,

@@ -60,9 +60,11 @@ def test_resume_continues_after_the_saved_step(project):
 
 
 def test_second_ctrl_c_quits_at_once(project):
-    process = project.start(*QUICK, "--max_steps", "100000", "--out_dir", "RUN")
+    # Steps of about a second, so the second Ctrl+C lands while the first waits for its step to end.
+    process = project.start(*QUICK, "--batch_size", "1024", "--max_steps", "100000", "--out_dir", "RUN")
     wait_for_line(process.stdout, "step 0:", timeout=60)
     process.send_signal(signal.SIGINT)
+    wait_for_line(process.stderr, "stopping after this step", timeout=10)
     process.send_signal(signal.SIGINT)
     code, _, stderr, seconds = finish(process)
     assert code == 130 and seconds < 5
@@ -86,13 +88,19 @@ def test_resume_equals_uninterrupted(project):
 
 def test_kill_9_keeps_the_last_checkpoint_whole(project):
     """Checkpointing at every step, SIGKILL lands during or between writes; what is on disk always loads."""
-    for delay in (2.0, 2.7, 3.4):
+    checkpoint_path = project.path / "RUN" / "ckpt.pt"
+    for delay in (0.0, 0.35, 0.8):  # each run is killed once it has written a checkpoint of its own
+        before = checkpoint_path.stat().st_mtime_ns if checkpoint_path.exists() else 0
         process = project.start(*QUICK, "--max_steps", "100000", "--checkpoint_interval", "1", "--out_dir", "RUN")
-        wait_for_line(process.stdout, "step 0:", timeout=60)
-        time.sleep(delay - 2.0)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+            not checkpoint_path.exists() or checkpoint_path.stat().st_mtime_ns == before
+        ):
+            time.sleep(0.05)
+        time.sleep(delay)
         process.kill()
         process.wait()
-        checkpoint = torch.load(project.path / "RUN" / "ckpt.pt", weights_only=False)
+        checkpoint = torch.load(checkpoint_path, weights_only=False)
         assert checkpoint["step"] >= 1
     result = project.run("--resume", "RUN", "--max_steps", str(checkpoint["step"] + 3))
     assert result.returncode == 0, result.stderr[-2000:]

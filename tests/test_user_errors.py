@@ -16,7 +16,8 @@ def user_error(capsys, *argv: str) -> str:
         main.main(list(argv))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[0].startswith("usage: ") and err[-1].startswith(f"{main.build_parser().prog}: error: ")
+    assert any(line.startswith("usage: ") for line in err)
+    assert err[-1].startswith(f"{main.build_parser().prog}: error: ")
     return err[-1]
 
 
