@@ -49,6 +49,7 @@ TOKENIZER_TRAIN_BYTES = 4 << 20  # the prefix of the training text the tokenizer
 CHUNK_BYTES = 8 << 20  # text tokenized at a time
 WHOLE_FILE = 1 << 62  # tokens "needed" of the validation file (19 MB in V1, 22 MB in V2): all of it
 BYTES_PER_TOKEN_GUESS = 4.5  # to size downloads before the first tokens are counted
+STREAM_PIECE = 64 << 10  # bytes read at a time: a cut connection loses at most this much; the smallest request
 RETRIES = 5  # urllib3 retries per request (connect, read, 5xx, 429), with backoff
 RESUMES = 20  # times a download cut mid-body is resumed
 TIMEOUT = (5, 30)  # connect, read seconds
@@ -330,22 +331,25 @@ def remote_file(session: requests.Session, url: str) -> tuple[int, str]:
     return int(response.headers["Content-Length"]), response.headers.get("ETag", "")
 
 
-def stream_bytes(session: requests.Session, url: str, start: int, size: int) -> Iterator[bytes]:
-    """The bytes of url from `start` to its end, resuming with Range requests when the connection is cut."""
+def stream_bytes(session: requests.Session, url: str, start: int, end: int) -> Iterator[bytes]:
+    """Bytes [start, end) of url by a Range request, resumed with another where the connection is cut."""
     resumes = 0
-    while start < size:
+    while start < end:
         try:
-            response = session.get(url, headers={"Range": f"bytes={start}-"}, stream=True, timeout=TIMEOUT)
-            response.raise_for_status()
-            skip = start if response.status_code == 200 else 0  # 200: the server ignored Range, sent it all
-            for chunk in response.iter_content(1 << 20):
-                if skip:
-                    chunk, skip = chunk[skip:], max(skip - len(chunk), 0)
-                if chunk:
-                    start += len(chunk)
-                    yield chunk
-            if start < size:
-                raise requests.ConnectionError(f"connection closed at byte {start} of {size}")
+            headers = {"Range": f"bytes={start}-{end - 1}"}
+            with session.get(url, headers=headers, stream=True, timeout=TIMEOUT) as response:
+                response.raise_for_status()
+                skip = start if response.status_code == 200 else 0  # 200: the server ignored Range, sent it all
+                for chunk in response.iter_content(STREAM_PIECE):
+                    if skip:
+                        chunk, skip = chunk[skip:], max(skip - len(chunk), 0)
+                    chunk = chunk[: end - start]
+                    if chunk:
+                        start += len(chunk)
+                        yield chunk
+                    if start >= end:
+                        return
+            raise requests.ConnectionError(f"connection closed at byte {start} of {end}")
         except requests.RequestException as e:
             resumes += 1
             if resumes > RESUMES or isinstance(e, requests.HTTPError):
@@ -366,32 +370,28 @@ def extend_stream_cache(
     if meta is None:
         meta = dict(url=url, size=size, etag=etag, fingerprint=tokenizer.fingerprint, bytes=0, tokens=0)
         tokens_path.unlink(missing_ok=True)
-    if meta["tokens"] >= needed_tokens or meta["bytes"] >= size:
-        return meta
-    bytes_per_token = meta["bytes"] / meta["tokens"] if meta["tokens"] else BYTES_PER_TOKEN_GUESS
+    pending, fetched = b"", meta["bytes"]
     with open(tokens_path, "ab") as out, tqdm(total=size, initial=meta["bytes"], desc=url.rsplit("/", 1)[-1],
                                               unit="B", unit_scale=True, file=sys.stderr) as bar:  # fmt: skip
-        out.truncate(meta["tokens"] * 2)  # a run killed after writing tokens but before committing them
-        pending = b""
-        for chunk in stream_bytes(session, url, meta["bytes"], size):
-            pending += chunk
-            wanted = (needed_tokens - meta["tokens"]) * bytes_per_token * 1.1 + (64 << 10)
-            at_end = meta["bytes"] + len(pending) >= size
-            if len(pending) < min(CHUNK_BYTES, wanted) and not at_end:
-                continue
-            cut = len(pending) if at_end else cut_after_last(pending, (EOT,))
+        out.truncate(meta["tokens"] * 2)  # tokens written by a run killed before it committed them
+        while meta["tokens"] < needed_tokens and meta["bytes"] < size:
+            bytes_per_token = meta["bytes"] / meta["tokens"] if meta["tokens"] else BYTES_PER_TOKEN_GUESS
+            wanted = int((needed_tokens - meta["tokens"]) * bytes_per_token * 1.1) + STREAM_PIECE
+            window_end = min(size, fetched + min(max(wanted - len(pending), STREAM_PIECE), CHUNK_BYTES))
+            for chunk in stream_bytes(session, url, fetched, window_end):
+                pending += chunk
+                fetched += len(chunk)
+                bar.update(len(chunk))
+            cut = len(pending) if fetched >= size else cut_after_last(pending, (EOT,))
             if cut == 0:
-                continue  # no story end yet
+                continue  # no story has ended yet in what was fetched
             ids = tokenize(tokenizer, decode(pending[:cut], url))
             out.write(ids.tobytes())
             out.flush()
             os.fsync(out.fileno())
             meta.update(bytes=meta["bytes"] + cut, tokens=meta["tokens"] + len(ids))
             write_json(meta_path, meta)  # the commit point
-            bar.update(cut)
             pending = pending[cut:]
-            if meta["tokens"] >= needed_tokens:
-                break
     return meta
 
 
@@ -400,12 +400,8 @@ def download_prefix(session: requests.Session, url: str, folder: Path, n_bytes: 
     path = folder / "prefix.txt"
     if not path.exists():
         size, _ = remote_file(session, url)
-        data = b""
-        for chunk in stream_bytes(session, url, 0, size):
-            data += chunk
-            if len(data) >= n_bytes:
-                break
-        data = data[: cut_after_last(data[:n_bytes], (EOT,)) or n_bytes]
+        data = b"".join(stream_bytes(session, url, 0, min(size, n_bytes)))
+        data = data[: cut_after_last(data, (EOT,)) or len(data)]
         fd, tmp = tempfile.mkstemp(dir=folder, prefix="prefix", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
