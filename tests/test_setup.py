@@ -60,4 +60,4 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "python -m pytest" in readme and "pixi run test" in readme
     assert "python -m pytest" in ci
-    assert "pip install torch==" in ci and 'pip install -e ".[test]"' in ci
+    assert "pip install -q torch==" in ci and 'pip install -q -e ".[test]"' in ci
