@@ -61,3 +61,12 @@ def test_readme_test_command_is_what_ci_runs():
     assert "python -m pytest" in readme and "pixi run test" in readme
     assert "python -m pytest" in ci
     assert "pip install -q torch==" in ci and 'pip install -q -e ".[test]"' in ci
+
+
+def test_readme_documents_every_flag():
+    import main
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    flags = {option for action in main.build_parser()._actions for option in action.option_strings}
+    missing = {flag for flag in flags if flag.startswith("--") and f"`{flag}" not in readme and flag != "--no-bias"}
+    assert not missing - {"--help"}
