@@ -11,7 +11,6 @@ round. Ratios are against nanoGPT's model run eagerly, as its README runs it on 
 
 import argparse
 import importlib.util
-import platform
 import sys
 import time
 from pathlib import Path
@@ -19,17 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import describe  # noqa: E402
+
 from model import GPT, GPTConfig  # noqa: E402
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        cpu = names[0] if names else cpu
-    capability = torch.backends.cpu.get_cpu_capability()
-    return f"{cpu} ({capability}), {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def load_nanogpt(path: Path):
@@ -96,7 +87,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     args = p.parse_args()
 
-    print(f"machine: {machine()}")
+    print(f"machine: {describe()}")
     print(
         f"shape: {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, block {args.block_size}, "
         f"batch {args.batch_size}, vocab {args.vocab_size}"
