@@ -22,10 +22,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+# nanoGPT's model and training defaults at the shape of the CPU comparison; evaluation as light as the recipe's.
 BASELINE = (
     "--arch gpt2 --bias --n_layer 4 --n_head 4 --n_embd 128 --block_size 256 --batch_size 16 --vocab_size 4096 "
     "--learning_rate 6e-4 --min_lr 6e-5 --warmup_steps 100 --weight_decay 0.1 --beta1 0.9 --beta2 0.95 "
-    "--grad_clip 1.0 --dropout 0.0"
+    "--grad_clip 1.0 --dropout 0.0 --eval_interval 100000 --eval_iters 5"
 )
 
 
@@ -38,7 +39,9 @@ def train_and_measure(name: str, flags: str, args: argparse.Namespace, workdir: 
     ]  # fmt: skip
     started = time.monotonic()
     env = {**os.environ, "HOME": str(workdir)}  # no clearml.conf there: offline sessions stay in workdir
-    subprocess.run(train, check=True, stdout=subprocess.DEVNULL, env=env)
+    result = subprocess.run(train, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    if result.returncode:
+        sys.exit(f"{name} failed:\n{result.stderr[-3000:]}")
     trained = time.monotonic() - started
     evaluate = [
         sys.executable, str(ROOT / "main.py"), "--eval_only", "--resume", str(run_dir), "--data", str(args.valid),
