@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import re
 import tempfile
+import weakref
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from itertools import chain, pairwise, repeat
@@ -49,6 +50,7 @@ class Tokenizer:
             self.token_bytes.append(self.token_bytes[a] + self.token_bytes[b])
         self.special_ids = {s: len(self.token_bytes) + i for i, s in enumerate(self.SPECIAL_TOKENS)}
         self.pattern = re.compile(SPLIT_PATTERN)
+        self.pool = None
         self._reset_cache()
 
     @property
@@ -156,9 +158,11 @@ class Tokenizer:
         workers = min(len(texts), os.cpu_count() or 1)
         if workers < 2 or sum(map(len, texts)) < PARALLEL_MIN_CHARS:
             return [self.encode_array(t) for t in texts]
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        with context.Pool(workers, initializer=_init_worker, initargs=(self.merges,)) as pool:
-            return pool.map(_encode_in_worker, texts, chunksize=1)
+        if self.pool is None:  # kept for later calls, so the workers' caches stay warm
+            context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+            self.pool = context.Pool(workers, initializer=_init_worker, initargs=(self.merges,))
+            weakref.finalize(self, self.pool.terminate)
+        return self.pool.map(_encode_in_worker, texts, chunksize=1)
 
     def decode(self, ids: Iterable[int]) -> str:
         specials = {i: s.encode() for s, i in self.special_ids.items()}
