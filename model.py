@@ -9,7 +9,8 @@ Design choices:
   output embeddings, no biases: what nanochat and modded-nanogpt use for small GPTs.
   "gpt2": learned positions, LayerNorm, GELU MLP, tied embeddings: the plain GPT-2 block, kept for comparison.
 - On the CPU the loss has its own lean backward (`SoftmaxCrossEntropy`): the (tokens x vocab) logits are the
-  largest tensor of a small model's step, and PyTorch's cross_entropy passes over them several times.
+  largest tensor of a small model's step, and PyTorch's cross_entropy passes over them several times. ReLU² has
+  one too, and QK-norm and rotary run on q and k together: fewer passes over memory, which a CPU step pays for.
 - Residual projections start small (std scaled by 1/sqrt(2 * n_layer)), as in GPT-2.
 - `configure_optimizers` gives AdamW, or Muon (orthogonalized momentum) for the hidden matrices with AdamW for
   the rest, which reaches a lower loss in the same number of steps for small GPTs.
@@ -60,9 +61,9 @@ class Norm(nn.Module):
 
 
 def rotary_tables(block_size: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (block_size, head_dim // 2) for rotary position embeddings."""
+    """cos and sin of shape (block_size, 1, 1, head_dim // 2): they broadcast over (B, T, q|k, head, channels)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)[:, None, None, :]
     return angles.cos(), angles.sin()
 
 
@@ -77,7 +78,6 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.n_head = config.n_head
-        self.qk_norm = config.modern
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
@@ -85,17 +85,34 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if rotary is not None:
-            cos, sin = rotary
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.qk_norm:
-            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        if rotary is None:
+            q, k = qkv[:, :, 0], qkv[:, :, 1]
+        else:
+            # QK-norm, then rotary, on q and k at once and in (B, T) order: one pass each over contiguous memory.
+            # The order does not matter in exact arithmetic: a rotation keeps each head vector's norm.
+            qk = apply_rotary(F.rms_norm(qkv[:, :, :2], (qkv.size(-1),)), *rotary)
+            q, k = qk.unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, qkv[:, :, 2]))  # (B, n_head, T, head_dim)
         dropout_p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+class ReluSquared(torch.autograd.Function):
+    """relu(x)², with a backward of one product: 2 relu(x) is zero wherever relu's own gradient is."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        relu = F.relu(x)
+        ctx.save_for_backward(relu)
+        return relu * relu
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (relu,) = ctx.saved_tensors
+        return (grad * relu).mul_(2)
 
 
 class MLP(nn.Module):
@@ -108,7 +125,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.c_fc(x)
-        x = F.relu(x).square() if self.relu_squared else F.gelu(x)
+        x = ReluSquared.apply(x) if self.relu_squared else F.gelu(x)
         return self.dropout(self.c_proj(x))
 
 
@@ -128,23 +145,26 @@ class Block(nn.Module):
 class SoftmaxCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits (N, V) against targets (N,), with a backward of one pass over the logits.
 
-    On the CPU, F.cross_entropy's backward zero-fills an (N, V) gradient for nll_loss, scatters into it, then runs
-    log_softmax's backward: several passes over the largest tensor of a training step. Here the gradient is the
-    softmax, minus one at each target, written in place (bench/bench_train_step.py measures the difference).
+    On the CPU, F.cross_entropy passes over the (N, V) logits, the largest tensor of a small model's step, several
+    times: log_softmax, then a zero-filled gradient for nll_loss, a scatter, and log_softmax's backward with its
+    exp. Here the forward keeps the softmax, and the backward turns it into the gradient in place: softmax minus one
+    at each target (bench/bench_train_step.py measures the difference). The loss is read from the target's
+    probability, so it saturates at -log(smallest float), about 87 nats, far above any loss a run survives.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        log_probs = torch.log_softmax(logits, dim=-1)
-        ctx.save_for_backward(log_probs, targets)
-        return -log_probs.gather(1, targets[:, None]).mean()
+        probs = torch.softmax(logits, dim=-1)
+        ctx.probs, ctx.targets = probs, targets  # on ctx, not saved for backward: backward reuses probs in place
+        target_probs = probs.gather(1, targets[:, None]).clamp_min(torch.finfo(probs.dtype).tiny)
+        return -target_probs.log().mean()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        log_probs, targets = ctx.saved_tensors
-        grad_logits = log_probs.exp()
-        grad_logits.scatter_add_(1, targets[:, None], grad_logits.new_full((len(targets), 1), -1.0))
-        return grad_logits.mul_(grad / len(targets)), None
+        probs, targets = ctx.probs, ctx.targets
+        del ctx.probs  # a second backward through the same graph fails loudly instead of reading a gradient
+        probs.scatter_add_(1, targets[:, None], probs.new_full((len(targets), 1), -1.0))
+        return probs.mul_(grad / len(targets)), None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,10 @@ PATH_TO_NANOGPT_CHECKOUT is a clone of github.com/karpathy/nanoGPT (only its mod
 a training loop does per batch: forward with loss, backward, gradient clipping, AdamW step, zero_grad. Candidates
 are timed in alternating rounds, so load from elsewhere on the machine hits all of them alike; each reports its best
 round. Ratios are against nanoGPT's model run eagerly, as its README runs it on a CPU.
+
+The last line, "floor", times only the matrix multiplies and attention kernels of one step at this shape (every
+linear layer's forward and two backward products, the head's too, and SDPA forward and backward): no model can
+step faster than that with fp32 on this machine, so nanoGPT's time over the floor bounds any eager speed-up.
 """
 
 import argparse
@@ -45,6 +49,28 @@ def make_step(model, args):
     return step
 
 
+def floor_step(args):
+    """The GEMMs and attention kernels of one training step of the GPT-2 block, and nothing else."""
+    n, c = args.batch_size * args.block_size, args.n_embd
+    shapes = [(c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)] * args.n_layer + [(c, args.vocab_size)]
+    acts = {fan_in: torch.randn(n, fan_in) for fan_in in {c, 4 * c}}
+    weights = [(torch.randn(fan_in, fan_out), torch.randn(n, fan_out)) for fan_in, fan_out in shapes]
+    head = (args.batch_size, args.n_head, args.block_size, c // args.n_head)
+    q, k, v = (torch.randn(head, requires_grad=True) for _ in range(3))
+
+    def step():
+        for w, grad_out in weights:
+            x = acts[w.size(0)]
+            x @ w  # forward
+            grad_out @ w.T  # gradient of the input
+            grad_out.T @ x  # gradient of the weight
+        for _ in range(args.n_layer):
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y.sum().backward()
+
+    return step
+
+
 def candidates(args) -> dict:
     shape = dict(
         n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
@@ -70,6 +96,7 @@ def candidates(args) -> dict:
             step()
         print(f"  {name}: warm-up {time.perf_counter() - started:.1f} s", flush=True)
         steps[name] = step
+    steps["floor: matmuls + attention only"] = floor_step(args)
     return steps
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import ARCHS, GPT, GPTConfig, cross_entropy, orthogonalize
+from model import ARCHS, GPT, GPTConfig, ReluSquared, cross_entropy, orthogonalize
 
 
 def tiny(arch: str, **overrides) -> GPT:
@@ -87,12 +87,26 @@ def test_flops_per_token_counts_matmul_weights():
 def test_cross_entropy_matches_pytorch_in_value_and_gradient():
     logits = torch.randn(64, 50, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 50, (64,))
-    assert torch.autograd.gradcheck(lambda x: cross_entropy(x, targets), (logits,))
-    ours = cross_entropy(logits, targets)
+    ours = cross_entropy(logits * 3, targets)  # scaled, so the gradient flowing in is not 1
     (grad_ours,) = torch.autograd.grad(ours, logits)
-    reference = torch.nn.functional.cross_entropy(logits, targets)
+    reference = torch.nn.functional.cross_entropy(logits * 3, targets)
     (grad_reference,) = torch.autograd.grad(reference, logits)
     assert torch.allclose(ours, reference) and torch.allclose(grad_ours, grad_reference)
+
+
+def test_cross_entropy_backward_runs_once():
+    """Its backward reuses the saved softmax in place, so a second one must fail rather than be wrong."""
+    logits = torch.randn(8, 10, requires_grad=True)
+    loss = cross_entropy(logits, torch.randint(0, 10, (8,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(AttributeError):
+        loss.backward()
+
+
+def test_relu_squared_gradient():
+    x = torch.randn(100, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ReluSquared.apply, (x,))
+    assert torch.equal(ReluSquared.apply(x), torch.relu(x) ** 2)
 
 
 def test_orthogonalize_evens_out_singular_values():
