@@ -15,11 +15,16 @@ step faster than that with fp32 on this machine, so nanoGPT's time over the floo
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+# The allocator setting main.py trains with (transparent huge pages), for every candidate alike.
+if "--default_allocator" not in sys.argv:
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe  # noqa: E402
@@ -112,9 +117,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    p.add_argument("--default_allocator", action="store_true", help="4 KB pages, as PyTorch allocates by default")
     args = p.parse_args()
 
     print(f"machine: {describe()}")
+    print(f"allocator: {'default' if args.default_allocator else 'transparent huge pages, as main.py runs'}")
     print(
         f"shape: {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, block {args.block_size}, "
         f"batch {args.batch_size}, vocab {args.vocab_size}"
