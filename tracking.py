@@ -83,7 +83,8 @@ class Tracker:
             if continue_task_id:
                 say(
                     "note: offline runs cannot continue a ClearML task; this resumed run writes a new offline "
-                    f"session (import it with previous_task_id=<server id of {continue_task_id}> to join the curves)."
+                    "session. To join the curves, import it with Task.import_offline_session(zip, "
+                    f"previous_task_id=<server id of {continue_task_id}>)."
                 )
                 continue_task_id = None
         source_dir = Path(sys.argv[0]).resolve().parent
