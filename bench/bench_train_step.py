@@ -9,8 +9,8 @@ are timed in alternating rounds, so load from elsewhere on the machine hits all 
 round. Ratios are against nanoGPT's model run eagerly, as its README runs it on a CPU.
 
 The last line, "floor", times only the matrix multiplies and attention kernels of one step at this shape (every
-linear layer's forward and two backward products, the head's too, and SDPA forward and backward): no model can
-step faster than that with fp32 on this machine, so nanoGPT's time over the floor bounds any eager speed-up.
+linear layer's forward and two backward products, the head's too, and SDPA forward and backward): no model built
+on these fp32 kernels steps faster on this machine, so nanoGPT's time over the floor bounds any speed-up.
 """
 
 import argparse
