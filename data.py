@@ -14,7 +14,9 @@ Design choices:
   whole. An exclusive `flock` serialises runs that prepare the same cache.
 - A local file's cache is keyed by its path, size, modification time, split and tokenizer; it is built in a
   temporary folder and renamed into place. Its last `val_fraction`, from a story boundary, is validation.
-- The tokenizer is trained on a bounded prefix of the training text and cached beside the tokens.
+- The tokenizer is trained on a bounded prefix of the training text and cached beside the tokens. For TinyStories
+  that prefix is kept with the file's size and ETag, and the training tokens start from it instead of fetching
+  it again.
 """
 
 import codecs
@@ -357,11 +359,32 @@ def stream_bytes(session: requests.Session, url: str, start: int, end: int) -> I
             say(f"download of {url} cut at byte {start:,}; resuming there")
 
 
+def file_bytes(session: requests.Session, url: str, start: int, end: int, known: bytes) -> Iterator[bytes]:
+    """Bytes [start, end) of url; those within `known`, the file's first bytes fetched earlier, from memory."""
+    if start < len(known):
+        yield known[start:end]
+        start = min(end, len(known))
+    if start < end:
+        yield from stream_bytes(session, url, start, end)
+
+
 def extend_stream_cache(
-    session: requests.Session, url: str, folder: Path, tokenizer: Tokenizer, needed_tokens: int
+    session: requests.Session,
+    url: str,
+    folder: Path,
+    tokenizer: Tokenizer,
+    needed_tokens: int,
+    prefix: tuple[bytes, dict | None] = (b"", None),
 ) -> dict:
-    """Tokenize url from where the cache stops until it holds `needed_tokens` tokens (or the whole file)."""
+    """Tokenize url from where the cache stops until it holds `needed_tokens` tokens (or the whole file).
+
+    `prefix` is the file's first bytes with the size and ETag they were fetched at; they are not fetched again
+    while the file on the server is still that one.
+    """
     size, etag = remote_file(session, url)
+    known, version = prefix
+    if version != dict(size=size, etag=etag):
+        known = b""
     meta_path, tokens_path = folder / "meta.json", folder / "tokens.bin"
     meta = read_json(meta_path)
     if meta and (meta["size"], meta["etag"]) != (size, etag):
@@ -378,7 +401,7 @@ def extend_stream_cache(
             bytes_per_token = meta["bytes"] / meta["tokens"] if meta["tokens"] else BYTES_PER_TOKEN_GUESS
             wanted = int((needed_tokens - meta["tokens"]) * bytes_per_token * 1.1) + STREAM_PIECE
             window_end = min(size, fetched + min(max(wanted - len(pending), STREAM_PIECE), CHUNK_BYTES))
-            for chunk in stream_bytes(session, url, fetched, window_end):
+            for chunk in file_bytes(session, url, fetched, window_end, known):
                 pending += chunk
                 fetched += len(chunk)
                 bar.update(len(chunk))
@@ -395,18 +418,20 @@ def extend_stream_cache(
     return meta
 
 
-def download_prefix(session: requests.Session, url: str, folder: Path, n_bytes: int) -> str:
-    """The first n_bytes of url (cut at the last story end), kept as a file for the tokenizer to learn from."""
-    path = folder / "prefix.txt"
+def download_prefix(session: requests.Session, url: str, folder: Path, n_bytes: int) -> tuple[bytes, dict | None]:
+    """The first n_bytes of url (cut at the last story end), kept as a file for the tokenizer to learn from, with
+    the size and ETag of the file they came from (None where that record is missing)."""
+    path, version_path = folder / "prefix.txt", folder / "prefix.json"
     if not path.exists():
-        size, _ = remote_file(session, url)
+        size, etag = remote_file(session, url)
+        write_json(version_path, dict(size=size, etag=etag))  # first: a prefix never stands with an older record
         data = b"".join(stream_bytes(session, url, 0, min(size, n_bytes)))
         data = data[: cut_after_last(data, (EOT,)) or len(data)]
         fd, tmp = tempfile.mkstemp(dir=folder, prefix="prefix", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    return path.read_bytes().decode("utf-8", errors="ignore")
+    return path.read_bytes(), read_json(version_path)
 
 
 def load_tinystories(
@@ -423,13 +448,14 @@ def load_tinystories(
     folder = cache_dir / "tinystories" / digest(train_url)
     session = http_session()
     with locked(folder):
+        prefix = (b"", None)
         if tokenizer is None:
             prefix = download_prefix(session, train_url, folder, TOKENIZER_TRAIN_BYTES)
-            tokenizer = cached_tokenizer(folder, prefix, vocab_size)
+            tokenizer = cached_tokenizer(folder, prefix[0].decode("utf-8", errors="ignore"), vocab_size)
         train_folder, valid_folder = folder / tokenizer.fingerprint / "train", folder / tokenizer.fingerprint / "valid"
         train_folder.mkdir(parents=True, exist_ok=True)
         valid_folder.mkdir(parents=True, exist_ok=True)
-        train = extend_stream_cache(session, train_url, train_folder, tokenizer, train_tokens)
+        train = extend_stream_cache(session, train_url, train_folder, tokenizer, train_tokens, prefix)
         valid = extend_stream_cache(session, valid_url, valid_folder, tokenizer, WHOLE_FILE)
     return Splits(
         train=open_tokens(train_folder / "tokens.bin", train["tokens"]),

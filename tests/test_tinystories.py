@@ -111,6 +111,37 @@ def test_file_changed_on_the_server_rebuilds_the_cache(tmp_path, files, tokenize
     assert np.array_equal(splits.train, tokenizer.encode_array(changed.decode()))
 
 
+def load_training_the_tokenizer(server: FileServer, cache: Path, train_tokens: int = ALL) -> data.Splits:
+    return data.load_tinystories(base_url=server.url, version="v1", vocab_size=512, train_tokens=train_tokens,
+                                 cache_dir=cache)  # fmt: skip
+
+
+def test_tokens_start_from_the_tokenizer_prefix_without_fetching_it_again(tmp_path, files, monkeypatch):
+    monkeypatch.setattr(data, "TOKENIZER_TRAIN_BYTES", 500_000)
+    cache = tmp_path / "cache"
+    with FileServer(files) as server:
+        splits = load_training_the_tokenizer(server, cache)
+    [prefix] = cache.rglob("prefix.txt")
+    prefix_bytes = prefix.stat().st_size
+    assert TRAIN_BYTES.startswith(prefix.read_bytes()) and 400_000 < prefix_bytes <= 500_000
+    (_, sent_for_prefix), *stream = server.spans(TRAIN)
+    assert all(first >= prefix_bytes for first, _ in stream)
+    # Every byte is fetched once, but for the end of the story that the prefix cut off.
+    assert server.fetched(TRAIN) == len(TRAIN_BYTES) + sent_for_prefix - prefix_bytes
+    assert np.array_equal(splits.train, splits.tokenizer.encode_array(TRAIN_BYTES.decode()))
+
+
+def test_a_prefix_from_an_older_file_is_not_used(tmp_path, files, monkeypatch):
+    monkeypatch.setattr(data, "TOKENIZER_TRAIN_BYTES", 500_000)
+    cache = tmp_path / "cache"
+    with FileServer(files) as server:
+        load_training_the_tokenizer(server, cache, train_tokens=1_000)
+        changed = b"A new first story.\n<|endoftext|>\n" + TRAIN_BYTES
+        files[TRAIN].write_bytes(changed)
+        splits = load_training_the_tokenizer(server, cache)
+    assert np.array_equal(splits.train, splits.tokenizer.encode_array(changed.decode()))
+
+
 def prepare_in_child(url: str, cache: Path, tokenizer_path: Path) -> subprocess.Popen:
     script = (
         "import sys, data; from pathlib import Path; from tokenizer import Tokenizer\n"
