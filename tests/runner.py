@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The TinyStories samples beside the checkout (../shared/data); see SOURCES.txt there.
-SHARED_DATA = ROOT.parent / "shared" / "data"
-TRAIN_SAMPLE = SHARED_DATA / "tinystories-train-sample.txt"
+# TinyStories samples kept in the repository; see tests/data/SOURCES.md.
+TEST_DATA = ROOT / "tests" / "data"
+TRAIN_SAMPLE = TEST_DATA / "tinystories-train-sample.txt"
+VALID_SAMPLE = TEST_DATA / "tinystories-valid-sample.txt"
 PROJECT_FILES = ("main.py", "model.py", "data.py", "tokenizer.py", "tracking.py")
 TINY_MODEL = [
     "--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64",

@@ -1,6 +1,6 @@
 """One real training run of main.py on a local .txt, checked the way a user would check it in the ClearML web UI.
 
-The data is the TinyStories train sample beside the checkout (../shared/data, see SOURCES.txt there), as
+The data is the TinyStories train sample in tests/data (see SOURCES.md there), as
 `mystories.txt`. HOME is an empty folder, so ClearML has no configuration and uses its offline mode.
 """
 

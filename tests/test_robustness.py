@@ -1,6 +1,6 @@
 """Never lose a run: real signals to real training processes, resume, divergence, an unreachable ClearML server.
 
-Training data is a slice of the TinyStories train sample beside the checkout (../shared/data, see SOURCES.txt).
+Training data is a slice of the TinyStories train sample in tests/data (see SOURCES.md there).
 """
 
 import json

@@ -1,7 +1,7 @@
 """The set-up files agree with each other: pixi.toml, pyproject.toml, README.md and .ci/run.
 
 pixi cannot run where the tests run, so pixi.toml is checked against pixi's own manifest JSON schema, which the
-checkout's ../shared/pixi/ holds.
+repository keeps in tests/data/ (see SOURCES.md there).
 """
 
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 import jsonschema
 
 ROOT = Path(__file__).resolve().parents[1]
-PIXI_SCHEMA = ROOT.parent / "shared" / "pixi" / "manifest-schema.json"
+PIXI_SCHEMA = ROOT / "tests" / "data" / "pixi-manifest-schema.json"
 REQUIRED = {"torch", "clearml", "numpy", "tqdm", "requests"}
 
 

@@ -1,6 +1,6 @@
 """TinyStories over HTTP, against a real server on 127.0.0.1: resume by Range, faults, cache protocol, concurrency.
 
-The server serves the TinyStories samples beside the checkout (../shared/data, see SOURCES.txt there) under the
+The server serves the TinyStories samples in tests/data (see SOURCES.md there) under the
 names of the real TinyStories files.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from http_server import FileServer
-from runner import ROOT, SHARED_DATA, TINY_MODEL, TRAIN_SAMPLE, make_project
+from runner import ROOT, TINY_MODEL, TRAIN_SAMPLE, VALID_SAMPLE, make_project
 
 import data
 from tokenizer import Tokenizer
@@ -32,7 +32,7 @@ def tokenizer() -> Tokenizer:
 def files(tmp_path) -> dict[str, Path]:
     train = tmp_path / "served-train.txt"
     train.write_bytes(TRAIN_BYTES)
-    return {TRAIN: train, VALID: SHARED_DATA / "tinystories-valid-sample.txt"}
+    return {TRAIN: train, VALID: VALID_SAMPLE}
 
 
 @pytest.fixture(autouse=True)
@@ -196,7 +196,7 @@ def test_main_streams_tinystories_resumes_and_reuses(tmp_path):
     project = make_project(tmp_path)
     big = tmp_path / "train-x20.txt"
     big.write_bytes(TRAIN_BYTES * 20)
-    files = {TRAIN: big, VALID: SHARED_DATA / "tinystories-valid-sample.txt"}
+    files = {TRAIN: big, VALID: VALID_SAMPLE}
     flags = [*TINY_MODEL, "--data", "tinystories", "--max_steps", "20", "--eval_interval", "10", "--eval_iters", "3"]
     with FileServer(files, cut_at={TRAIN: (1_500_000, 1)}) as server:
         first = project.run(*flags, "--tinystories_url", server.url, "--out_dir", "RUN1")

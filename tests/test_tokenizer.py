@@ -1,6 +1,6 @@
 """The byte-level BPE: exact round trips, merges checked by hand, files, fingerprints.
 
-Some tests read the TinyStories train sample beside the checkout (../shared/data, see SOURCES.txt there).
+Some tests read the TinyStories train sample in tests/data (see SOURCES.md there).
 """
 
 import json
