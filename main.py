@@ -6,24 +6,46 @@ Train a GPT from scratch on TinyStories or a local .txt file, one hypothesis per
 Design choices:
 - Flags are nanoGPT's, snake_case; every one has a help text and a checked range, so a bad value is an argparse
   error (exit 2), never a traceback. Every mistake found after parsing goes through the same `parser.error`.
-- The learning rate warms up linearly, then decays on a cosine to `--min_lr`. With `--max_seconds` the decay follows
-  whichever budget, steps or seconds, is spent first, so a time-boxed run still ends on a low learning rate.
+- Flags are never abbreviated: `--lr` is an error, not `--lr_decay_steps`.
+- The learning rate warms up linearly (by default over at most a tenth of the run), then decays on a cosine from
+  the end of warmup to `--min_lr`. `--max_seconds` is turned into a step count before training, by timing a few
+  steps that are then undone; the count is recorded as `max_steps`, so the run reproduces step for step.
+- The training step never waits for the device: losses stay on it and are read once per `--log_interval`, where
+  throughput is measured with the clock synchronized, the first (compiling) step excluded.
 - Evaluation uses the same batches at every eval step (fixed seeds), so curves compare within and across runs.
+  Bits per byte count text only: special tokens are left out of both tokens and bytes.
 - Sampling runs under a forked RNG, so evaluating never changes the training trajectory: N steps, resume, M steps
   equals N + M steps.
-- The checkpoint is written to a temporary file, fsynced and renamed: a kill at any time keeps the last one whole.
-- Ctrl+C or SIGTERM: the current step ends, the checkpoint is saved, the task is closed as aborted, exit 130.
-  A second Ctrl+C exits at once. A diverging loss stops the run, keeps the last good checkpoint, exit 1.
+- checkpoint.py owns the run folder (one run each, locked) and writes only finite checkpoints, atomically.
+- Signals: while preparing, evaluating or sampling, Ctrl+C or SIGTERM stops at once; during a training step, the
+  step ends first. Then the checkpoint is saved, the task is closed as aborted, exit 130. A second Ctrl+C skips the
+  checkpoint but still closes the task. A diverging loss stops the run, keeps the last good checkpoint, exit 1.
+- A failure from outside (out of memory, disk full, I/O error) or a bug ends with one line saying what happened and
+  what was kept, the task closed as failed, the traceback in the run folder's error.log, and its own exit code.
 """
 
-import argparse
-import contextlib
-import math
 import os
 import signal
 import sys
+
+EXIT_ABORTED = 130
+
+if __name__ == "__main__":  # a signal while the imports below load: nothing to save yet, and no traceback
+
+    def quit_while_starting(signum, frame):
+        print(f"{signal.Signals(signum).name}: stopped while starting; nothing was written", file=sys.stderr)
+        os._exit(EXIT_ABORTED)
+
+    signal.signal(signal.SIGINT, quit_while_starting)
+    signal.signal(signal.SIGTERM, quit_while_starting)
+
+import argparse
+import contextlib
+import errno
+import math
 import tempfile
 import time
+import traceback
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -32,17 +54,26 @@ from pathlib import Path
 # buffers of every step do not fault in 4 KB at a time (Linux only; bench/bench_train_step.py --default_allocator).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoint as ckpt
 import data
 import tracking
 from model import ARCHS, GPT, GPTConfig
 from tokenizer import Tokenizer
 
-EXIT_ABORTED = 130
+# Exit codes (README: "Exit codes"); 2 is argparse's own for a user's mistake.
+EXIT_DIVERGED = 1
+EXIT_USAGE = 2
+EXIT_OUT_OF_MEMORY = 3
+EXIT_IO = 4
+EXIT_BUG = 5
 DIVERGENCE_FACTOR = 2.0  # a training loss above this multiple of the best one (after warmup) means divergence
-MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "arch", "vocab_size")
+FROZEN_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "arch", "vocab_size", "optimizer")
+WARMUP_STEPS, WARMUP_SHARE = 100, 0.1  # default warmup: 100 steps, but never more than this share of the run
+BUDGET_PROBE_STEPS = 5  # steps timed (after one untimed) to turn --max_seconds into a step count
 
 
 def in_range(
@@ -72,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a GPT from scratch, tracked in ClearML.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
     )
     g = p.add_argument_group("data")
     g.add_argument("--data", default="tinystories", help="'tinystories' (streamed over HTTP) or a path to a .txt file")
@@ -128,13 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_seconds",
         type=in_range(float, 0, low_open=True),
         default=None,
-        help="stop training when this wall-clock budget is spent, then evaluate and save",
+        help="a training budget in seconds: turned into --max_steps by timing a few steps first (recorded)",
     )
     g.add_argument(
         "--learning_rate", type=in_range(float, 0, low_open=True), default=1e-3, help="peak AdamW learning rate"
     )
     g.add_argument("--min_lr", type=in_range(float, 0), default=1e-4, help="learning rate at the end of the decay")
-    g.add_argument("--warmup_steps", type=in_range(int, 0), default=100, help="linear warmup steps")
+    g.add_argument(
+        "--warmup_steps",
+        type=in_range(int, 0),
+        default=None,
+        help=f"linear warmup steps (default: {WARMUP_STEPS}, at most {WARMUP_SHARE:.0%} of max_steps)",
+    )
     g.add_argument(
         "--lr_decay_steps",
         type=in_range(int, 1),
@@ -158,9 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_interval", type=in_range(int, 1), default=250, help="steps between evaluations")
     g.add_argument("--eval_iters", type=in_range(int, 1), default=50, help="batches per split per evaluation")
     g.add_argument(
+        "--log_interval", type=in_range(int, 1), default=10, help="steps between reading the loss off the device"
+    )
+    g.add_argument(
         "--eval_only",
         action="store_true",
-        help="with --resume RUN_DIR and --data FILE: one pass over FILE's validation split, then exit",
+        help="with --resume RUN_DIR and --data FILE: one pass over FILE's --eval_split, then exit",
+    )
+    g.add_argument(
+        "--eval_split",
+        choices=("val", "all"),
+        default="val",
+        help="with --eval_only: the validation split of --data, or all of it (a held-out file)",
     )
     g.add_argument("--prompt", default="Once upon a time", help="start of the generated sample")
     g.add_argument("--sample_tokens", type=in_range(int, 0), default=100, help="tokens generated per sample")
@@ -190,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out_dir", default=None, help="run folder for the checkpoint (default: runs/<time>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     g.add_argument(
+        "--new_data", action="store_true", help="with --resume: allow training on another --data than the run's"
+    )
+    g.add_argument(
+        "--overwrite", action="store_true", help="start a new run in an --out_dir that holds one, replacing it"
+    )
+    g.add_argument(
         "--checkpoint_interval",
         type=in_range(int, 1),
         default=None,
@@ -208,42 +260,6 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> dict:
     finally:
         for action in parser._actions:
             action.default = saved[action.dest]
-
-
-# -------------------------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def load_checkpoint(parser: argparse.ArgumentParser, run_dir: str) -> dict:
-    path = Path(run_dir) / "ckpt.pt"
-    if not path.is_file():
-        parser.error(f"--resume {run_dir}: no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # any unreadable file is the same mistake for the user
-        parser.error(f"--resume {run_dir}: {path} is not a readable checkpoint ({type(e).__name__})")
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def tokenizer_from_text(text: str) -> Tokenizer:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "tokenizer.json"
-        path.write_text(text, encoding="utf-8")
-        return Tokenizer.load(path)
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -269,39 +285,77 @@ def autocast_context(parser: argparse.ArgumentParser, device: str, dtype: str):
     return dtype, torch.autocast(device_type=device, dtype=getattr(torch, dtype))
 
 
+def available_memory(device: str) -> int | None:
+    """Bytes free for tensors on the device, where that can be known."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 # -------------------------------------------------------------------------------------------------------------------
 # training pieces
 
 
-def learning_rate(step: int, progress: float, args: argparse.Namespace) -> float:
-    """Linear warmup over warmup_steps, then cosine decay to min_lr as `progress` goes from 0 to 1."""
+def learning_rate(step: int, args: argparse.Namespace) -> float:
+    """Linear warmup over warmup_steps, then a cosine from the end of warmup down to min_lr at lr_decay_steps."""
     if step < args.warmup_steps:
         return args.learning_rate * (step + 1) / (args.warmup_steps + 1)
-    progress = min(max(progress, 0.0), 1.0)
+    decay_steps = (args.lr_decay_steps or args.max_steps) - args.warmup_steps
+    progress = min(max((step - args.warmup_steps) / max(decay_steps, 1), 0.0), 1.0)
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.learning_rate - args.min_lr)
+
+
+def text_only(tokens, n_bytes: int, tokenizer: Tokenizer) -> tuple[int, int]:
+    """Tokens and UTF-8 bytes of a split without its special tokens: what bits per byte counts."""
+    n_tokens, text_bytes = len(tokens), n_bytes
+    for special, special_id in tokenizer.special_ids.items():
+        count = int((tokens == special_id).sum()) if len(tokens) else 0
+        n_tokens -= count
+        text_bytes -= count * len(special.encode())
+    return n_tokens, text_bytes
+
+
+def bits_per_byte(nats_per_token: float, n_tokens: int, n_bytes: int) -> float:
+    return nats_per_token * n_tokens / (math.log(2) * n_bytes)
+
+
+def token_losses(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast) -> torch.Tensor:
+    """The loss of every target token, (B, T)."""
+    with autocast:
+        logits, _ = model(x, y)
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
 @torch.no_grad()
 def estimate_loss(model: GPT, splits: data.Splits, args: argparse.Namespace, device: str, autocast) -> dict:
-    """Mean loss over eval_iters batches of each split; the same batches at every call."""
+    """Mean loss over eval_iters batches of each split (the same batches at every call), and the validation loss
+    over text tokens only, for bits per byte."""
     model.eval()
-    losses = {}
+    losses, special = {}, torch.tensor(list(splits.tokenizer.special_ids.values()), device=device)
     for offset, split in enumerate(("train", "val")):
-        tokens = getattr(splits, split)
         generator = torch.Generator().manual_seed(args.seed + 1 + offset)
-        total = 0.0
+        total, text_total, text_count = 0.0, 0.0, 0
         for _ in range(args.eval_iters):
-            x, y = data.get_batch(tokens, args.batch_size, args.block_size, generator, device)
-            with autocast:
-                _, loss = model(x, y)
-            total += loss.item()
+            x, y = data.get_batch(getattr(splits, split), args.batch_size, args.block_size, generator, device)
+            per_token = token_losses(model, x, y, autocast)
+            text = ~torch.isin(y, special)
+            total += per_token.mean().item()
+            text_total += per_token[text].sum().item()
+            text_count += int(text.sum())
         losses[split] = total / args.eval_iters
+        losses[f"{split}_text"] = text_total / max(text_count, 1)
     model.train()
     return losses
-
-
-def bits_per_byte(loss: float, n_tokens: int, n_bytes: int) -> float:
-    return loss * n_tokens / (math.log(2) * n_bytes)
 
 
 @torch.no_grad()
@@ -316,25 +370,115 @@ def generate_sample(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace, 
     return tokenizer.decode(out[0].tolist())
 
 
+class Batches:
+    """Training batches drawn from --seed, one fetched ahead so its copy to the GPU overlaps the current step.
+
+    `state` is the generator's state before the batch held ahead: a resumed run draws that batch again."""
+
+    def __init__(self, tokens, args: argparse.Namespace, device: str, state: torch.Tensor | None = None):
+        self.tokens, self.args, self.device = tokens, args, device
+        self.generator = torch.Generator().manual_seed(args.seed)
+        self.restart(self.generator.get_state() if state is None else state)
+
+    def _draw(self):
+        self.state = self.generator.get_state()
+        return data.get_batch(self.tokens, self.args.batch_size, self.args.block_size, self.generator, self.device)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, self.ahead = self.ahead, self._draw()
+        return batch
+
+    def restart(self, state: torch.Tensor) -> None:
+        """Draw again from a state taken earlier (`state`)."""
+        self.generator.set_state(state)
+        self.ahead = self._draw()
+
+
+def train_step(model, optimizer, scaler, batches: Batches, args: argparse.Namespace, autocast) -> torch.Tensor:
+    """One optimizer step over grad_accum micro-batches; returns the mean loss, left on the device (no sync)."""
+    loss_sum = None
+    for _ in range(args.grad_accum):
+        x, y = batches.next()
+        with autocast:
+            _, loss = model(x, y)
+        scaler.scale(loss / args.grad_accum).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    if args.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / args.grad_accum
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, args: argparse.Namespace) -> float:
+    lr = learning_rate(step, args)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr / args.learning_rate
+    return lr
+
+
+def build_optimizer(model: GPT, args: argparse.Namespace, device: str, saved: dict | None):
+    """The optimizer from the flags; a resumed run keeps its saved state but takes the flags' hyperparameters."""
+    muon_lr = args.muon_lr if args.optimizer == "muon" else None
+    betas = (args.beta1, args.beta2)
+    optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, betas, device, muon_lr=muon_lr)
+    if saved is not None:
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        optimizer.load_state_dict(saved)
+        for group, setting in zip(optimizer.param_groups, settings, strict=True):
+            group.update(setting)
+    return optimizer
+
+
+class QuitNow(BaseException):
+    """A second Ctrl+C: leave at once, keeping what is already on disk."""
+
+
 class StopFlag:
-    """First SIGINT/SIGTERM asks the loop to stop after the current step; a second SIGINT exits at once."""
+    """What SIGINT and SIGTERM do, by phase.
+
+    Preparing, evaluating or sampling (`interruptible`): the first signal raises KeyboardInterrupt at once, so a long
+    preparation or evaluation ends within seconds. In a training step it asks the loop to stop after the step. A
+    second Ctrl+C raises QuitNow wherever the run is, except while the task is being closed; a third exits at once.
+    """
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.count, self.interruptible, self.closing = False, 0, True, False
 
     def __call__(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self.count >= 3:
             os._exit(EXIT_ABORTED)
+        if self.closing:
+            say(f"\n{name}: closing the ClearML task first (Ctrl+C {3 - self.count} more to quit without it)")
+            return
+        if self.requested:
+            if signum == signal.SIGINT:
+                raise QuitNow
+            return
         self.requested = True
-        print(
-            f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl+C again to quit at once)",
-            file=sys.stderr,
-            flush=True,
-        )
+        if self.interruptible:
+            raise KeyboardInterrupt
+        say(f"\n{name}: stopping after this step (Ctrl+C again to quit at once)")
+
+    @contextlib.contextmanager
+    def allowing_interrupts(self):
+        self.interruptible = True
+        try:
+            yield
+        finally:
+            self.interruptible = False
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self)
         signal.signal(signal.SIGTERM, self)
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -365,7 +509,7 @@ def load_data(parser: argparse.ArgumentParser, args: argparse.Namespace, tokeniz
     except data.DataError as e:
         parser.error(str(e))
     window = args.block_size + 1
-    for split in ("train", "val"):
+    for split in ("val",) if args.eval_only else ("train", "val"):
         n = len(getattr(splits, split))
         if n < window:
             parser.error(
@@ -379,15 +523,28 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argp
     args = parser.parse_args(argv)
     checkpoint = None
     if args.resume:
-        checkpoint = load_checkpoint(parser, args.resume)
-        given = explicit_flags(parser, argv)
-        for name in MODEL_FLAGS:
-            if name in given and given[name] != checkpoint["args"][name]:
-                parser.error(f"--{name} cannot change when resuming (the run has {checkpoint['args'][name]})")
-        vars(args).update({**checkpoint["args"], **given})
+        try:
+            checkpoint = ckpt.load(args.resume)
+        except ckpt.RunFolderError as e:
+            parser.error(str(e))
+        given, saved = explicit_flags(parser, argv), checkpoint["args"]
+        for name in FROZEN_FLAGS:
+            if name in given and given[name] != saved.get(name):
+                parser.error(f"--{name} cannot change when resuming (the run has {saved.get(name)})")
+        if "data" in given and given["data"] != saved["data"] and not (args.eval_only or args.new_data):
+            parser.error(
+                f"--data {given['data']}: the run in {args.resume} trained on {saved['data']}; resuming on other "
+                "data needs --new_data"
+            )
+        if "out_dir" in given and Path(given["out_dir"]).resolve() != Path(args.resume).resolve():
+            parser.error("--out_dir cannot differ from --resume RUN_DIR: a resumed run stays in its folder")
+        fresh = {"new_data", "overwrite", "eval_only", "eval_split"}  # about this invocation, not the run
+        vars(args).update({**{k: v for k, v in saved.items() if k not in fresh}, **given})
         args.out_dir = args.resume
     elif args.eval_only:
         parser.error("--eval_only needs --resume RUN_DIR (the run to evaluate)")
+    if args.eval_split == "all" and (not args.eval_only or args.data == "tinystories"):
+        parser.error("--eval_split all scores a whole local file: it needs --eval_only and --data FILE")
     if args.n_embd % args.n_head:
         parser.error(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
     if args.min_lr > args.learning_rate:
@@ -395,42 +552,64 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argp
     return args, checkpoint
 
 
-def prepare_out_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
-    out_dir = Path(args.out_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test")
-        probe.close()
-    except OSError as e:
-        parser.error(f"--out_dir {out_dir} is not writable ({e.strerror})")
-    return out_dir
+def check_memory(parser: argparse.ArgumentParser, model: GPT, args: argparse.Namespace, device: str) -> None:
+    """Refuse up front a batch whose training step cannot fit in the device's memory."""
+    needed, free = model.training_memory(args.batch_size), available_memory(device)
+    if free is not None and needed > free:
+        parser.error(
+            f"--batch_size {args.batch_size} with --block_size {args.block_size}: a training step needs about "
+            f"{needed / 2**30:.1f} GiB, and {device} has {free / 2**30:.1f} GiB free; use a smaller --batch_size "
+            "(and --grad_accum for the same batch) or a smaller model"
+        )
 
 
+@torch.no_grad()
 def evaluate_only(args: argparse.Namespace, model: GPT, splits: data.Splits, device: str, autocast) -> None:
-    """One deterministic pass over the whole validation split; the last line is what scripts read."""
+    """One deterministic pass over the validation split (or all of --data); the last line is what scripts read."""
+    tokens, n_bytes = splits.val, splits.val_bytes
+    if args.eval_split == "all":  # a local file: its training split is the bytes before the validation split
+        tokens, n_bytes = np.concatenate([splits.train, splits.val]), Path(args.data).stat().st_size
     model.eval()
-    total_nats, total_tokens = 0.0, 0
-    with torch.no_grad():
-        for x, y in data.iter_eval_batches(splits.val, args.batch_size, args.block_size):
-            with autocast:
-                _, loss = model(x.to(device), y.to(device))
-            total_nats += loss.item() * y.numel()
-            total_tokens += y.numel()
-    loss = total_nats / total_tokens
-    print(f"val_loss={loss:.6f} val_bpb={bits_per_byte(loss, total_tokens, splits.val_bytes):.6f}")
+    special = torch.tensor(list(splits.tokenizer.special_ids.values()))
+    total, text_total = 0.0, 0.0
+    n_windows = (len(tokens) - 1 + args.block_size - 1) // args.block_size
+    batches = data.iter_eval_batches(tokens, args.batch_size, args.block_size)
+    for x, y in tqdm(batches, total=math.ceil(n_windows / args.batch_size), desc="evaluating", file=sys.stderr):
+        per_token = token_losses(model, x.to(device), y.to(device), autocast).cpu()
+        total += per_token.sum().item()
+        text_total += per_token[~torch.isin(y, special)].sum().item()
+    n_text_tokens, n_text_bytes = text_only(tokens, n_bytes, splits.tokenizer)
+    loss = total / (len(tokens) - 1)
+    bpb = bits_per_byte(text_total / n_text_tokens, n_text_tokens, n_text_bytes)
+    print(f"val_loss={loss:.6f} val_bpb={bpb:.6f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    stop = StopFlag()
+    stop.install()
     parser = build_parser()
     args, checkpoint = resolve_args(parser, argv)
     device = pick_device(parser, args.device)
     dtype, autocast = autocast_context(parser, device, args.dtype)
-    out_dir = None if args.eval_only else prepare_out_dir(parser, args)
+    out_dir = None
+    if not args.eval_only:
+        try:
+            out_dir, _lock = ckpt.claim(args.out_dir, resuming=checkpoint is not None, overwrite=args.overwrite)
+        except ckpt.RunFolderError as e:
+            parser.error(str(e))
+        args.out_dir = str(out_dir)
     torch.manual_seed(args.seed)
 
-    tokenizer = tokenizer_from_text(checkpoint["tokenizer"]) if checkpoint else None
-    splits = load_data(parser, args, tokenizer)
+    try:
+        tokenizer = tokenizer_from_text(checkpoint["tokenizer"]) if checkpoint else None
+        splits = load_data(parser, args, tokenizer)
+    except KeyboardInterrupt:
+        say("interrupted while preparing data; nothing to save")
+        return EXIT_ABORTED
+    if splits.tokenizer.vocab_size < args.vocab_size:
+        say(f"the text allows only {splits.tokenizer.vocab_size} tokens, not {args.vocab_size}; training with those")
+        args.vocab_size = splits.tokenizer.vocab_size
     config = GPTConfig(
         vocab_size=splits.tokenizer.vocab_size,
         block_size=args.block_size,
@@ -442,32 +621,41 @@ def main(argv: list[str] | None = None) -> int:
         arch=args.arch,
     )
     model = GPT(config).to(device)
+    check_memory(parser, model, args, device)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
     if args.eval_only:
-        evaluate_only(args, model, splits, device, autocast)
+        try:
+            evaluate_only(args, model, splits, device, autocast)
+        except KeyboardInterrupt:
+            say("interrupted while evaluating")
+            return EXIT_ABORTED
         return 0
-    return train(args, checkpoint, model, splits, device, dtype, autocast, out_dir)
+    return train(args, checkpoint, model, splits, device, dtype, autocast, out_dir, stop)
 
 
-def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Path) -> int:
+def tokenizer_from_text(text: str) -> Tokenizer:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokenizer.json"
+        path.write_text(text, encoding="utf-8")
+        return Tokenizer.load(path)
+
+
+def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Path, stop: StopFlag) -> int:
     tokenizer = splits.tokenizer
     tokenizer_path = out_dir / "tokenizer.json"
     tokenizer.save(tokenizer_path)
-    muon_lr = args.muon_lr if args.optimizer == "muon" else None
-    betas = (args.beta1, args.beta2)
-    optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, betas, device, muon_lr=muon_lr)
-    batch_generator = torch.Generator().manual_seed(args.seed)
-    step, best_val, best_train = 0, float("inf"), float("inf")
+    optimizer = build_optimizer(model, args, device, checkpoint["optimizer"] if checkpoint else None)
+    batches = Batches(splits.train, args, device, checkpoint["rng"]["batches"] if checkpoint else None)
+    step, best_val, best_train, saved_step = 0, float("inf"), float("inf"), None
     if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, best_val = checkpoint["step"], checkpoint["best_val_loss"]
-        batch_generator.set_state(checkpoint["rng"]["batches"])
+        step, best_val, saved_step = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["step"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
     step_model = torch.compile(model) if args.compile else model
     scaler = torch.amp.GradScaler(enabled=dtype == "float16")
+    val_text_tokens, val_text_bytes = text_only(splits.val, splits.val_bytes, tokenizer)
 
     task_name = args.task_name or args.comment or f"{splits.tag} {datetime.now():%Y-%m-%d %H:%M}"
     tracker = tracking.Tracker(
@@ -496,107 +684,184 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
             "tokenizer": tokenizer_path.read_text(encoding="utf-8"),
             "task_id": tracker.task_id,
             "rng": {
-                "batches": batch_generator.get_state(),
+                "batches": batches.state,
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if device == "cuda" else None,
             },
         }
 
-    def save() -> Path:
-        path = out_dir / "ckpt.pt"
-        save_checkpoint(path, checkpoint_state())
-        return path
+    def save() -> None:
+        nonlocal saved_step
+        ckpt.save(out_dir / ckpt.CHECKPOINT, checkpoint_state())
+        saved_step = step
+
+    def kept() -> str:
+        if saved_step is None:
+            return f"no checkpoint was written yet (the first is due at step {checkpoint_interval})"
+        return f"the checkpoint of step {saved_step} is kept in {out_dir}"
 
     def evaluate() -> None:
         nonlocal best_val
-        losses = estimate_loss(step_model, splits, args, device, autocast)
-        tracker.report_scalar("Loss", "train", losses["train"], step)
-        tracker.report_scalar("Loss", "val", losses["val"], step)
-        tracker.report_scalar("BPB", "val", bits_per_byte(losses["val"], len(splits.val), splits.val_bytes), step)
-        best_val = min(best_val, losses["val"])
-        tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        sample = generate_sample(model, tokenizer, args, device, autocast)
-        tqdm.write(f"--- Generated Sample (step {step}) ---\n{sample}\n---")
-        tracker.report_sample(sample, step)
+        with stop.allowing_interrupts():
+            losses = estimate_loss(step_model, splits, args, device, autocast)
+            bpb = bits_per_byte(losses["val_text"], val_text_tokens, val_text_bytes)
+            tracker.report_scalar("Loss", "train", losses["train"], step)
+            tracker.report_scalar("Loss", "val", losses["val"], step)
+            tracker.report_scalar("BPB", "val", bpb, step)
+            best_val = min(best_val, losses["val"])
+            tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            sample = generate_sample(model, tokenizer, args, device, autocast)
+            tqdm.write(f"--- Generated Sample (step {step}) ---\n{sample}\n---")
+            tracker.report_sample(sample, step)
 
-    stop = StopFlag()
-    stop.install()
+    def fix_steps_from_budget(eval_seconds: float) -> None:
+        """Time a few steps, undo them, and turn --max_seconds into --max_steps (recorded), so the run reproduces."""
+        undo = copy_state(model.state_dict()), copy_state(optimizer.state_dict()), batches.state, torch.get_rng_state()
+        started = time.perf_counter()
+        train_step(step_model, optimizer, scaler, batches, args, autocast)  # compiles, with --compile
+        synchronize(device)
+        first = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(BUDGET_PROBE_STEPS):
+            train_step(step_model, optimizer, scaler, batches, args, autocast)
+        synchronize(device)
+        per_step = (time.perf_counter() - started) / BUDGET_PROBE_STEPS
+        model.load_state_dict(undo[0])
+        optimizer.load_state_dict(undo[1])
+        batches.restart(undo[2])
+        torch.set_rng_state(undo[3])
+        steps = max(1, int(args.max_seconds / (per_step + eval_seconds / args.eval_interval)))
+        args.max_steps = min(args.max_steps, step + steps)
+        tracker.update_flags({"max_steps": args.max_steps})
+        tqdm.write(
+            f"--max_seconds {args.max_seconds:g}: {per_step * 1000:.0f} ms a step (the first took {first:.1f} s and is "
+            f"not counted), so --max_steps {args.max_steps}, recorded: rerun with it to reproduce this run"
+        )
+
     checkpoint_interval = args.checkpoint_interval or args.eval_interval
-    decay_steps = args.lr_decay_steps or args.max_steps
     tokens_per_step = args.batch_size * args.grad_accum * args.block_size
     peak = peak_flops(device)
     status, message, exit_code = "completed", "", 0
-    start, start_step = time.perf_counter(), step
-    bar = tqdm(total=args.max_steps, initial=step, desc="training", dynamic_ncols=True, mininterval=1.0)
-    while step < args.max_steps:
-        elapsed = time.perf_counter() - start
-        if args.max_seconds is not None and elapsed >= args.max_seconds:
-            tqdm.write(f"--max_seconds {args.max_seconds:g} spent at step {step}")
-            break
-        if step % args.eval_interval == 0 and (step != start_step or checkpoint is None):
+    evaluated_at = step if checkpoint else None  # a resumed run was evaluated at its saved step already
+    pending, clock, timed_steps, bar = [], None, 0, None
+    try:
+        stop.interruptible = False
+        if args.max_seconds is not None and args.max_seconds != (checkpoint or {}).get("args", {}).get("max_seconds"):
+            started = time.perf_counter()
+            if evaluated_at is None:
+                evaluate()
+                evaluated_at = step
+            else:  # timed only: a resumed run was evaluated at this step already
+                with stop.allowing_interrupts():
+                    estimate_loss(step_model, splits, args, device, autocast)
+                    generate_sample(model, tokenizer, args, device, autocast)
+            fix_steps_from_budget(time.perf_counter() - started)
+        if args.warmup_steps is None:
+            args.warmup_steps = min(WARMUP_STEPS, int(WARMUP_SHARE * args.max_steps))
+            tracker.update_flags({"warmup_steps": args.warmup_steps})
+        bar = tqdm(total=args.max_steps, initial=step, desc="training", dynamic_ncols=True, mininterval=1.0)
+        while step < args.max_steps:
+            if step % args.eval_interval == 0 and step != evaluated_at:
+                evaluate()
+                evaluated_at = step
+            if step % checkpoint_interval == 0 and step not in (0, saved_step):
+                save()
+            if clock is not None and timed_steps == 0:  # evaluations and checkpoints are not timed
+                synchronize(device)
+                clock = time.perf_counter()
+            lr = set_learning_rate(optimizer, step, args)
+            pending.append(train_step(step_model, optimizer, scaler, batches, args, autocast))
+            step += 1
+            bar.update(1)
+            if clock is None:  # the first step compiles and warms up: it is not timed
+                synchronize(device)
+                clock = time.perf_counter()
+            else:
+                timed_steps += 1
+            due = step % args.eval_interval == 0 or step % checkpoint_interval == 0 or step == args.max_steps
+            if len(pending) < args.log_interval and not due and not stop.requested:
+                continue
+            # Once per log interval, and before evaluations and checkpoints: the losses come off the device.
+            losses, first = torch.stack(pending).float().tolist(), step - len(pending) + 1
+            pending = []
+            synchronize(device)
+            tokens_per_s = tokens_per_step * timed_steps / (time.perf_counter() - clock) if timed_steps else 0.0
+            timed_steps = 0
+            for offset, loss in enumerate(losses):
+                tracker.report_scalar("Train step", "loss", loss, first + offset)
+            tracker.report_scalar("Learning rate", "lr", lr, step)
+            if tokens_per_s:
+                tracker.report_scalar("Throughput", "tokens/s", tokens_per_s, step)
+                if peak:
+                    tracker.report_scalar("MFU", "percent", 100 * model.flops_per_token() * tokens_per_s / peak, step)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            for at, loss in enumerate(losses, start=first):
+                if not math.isfinite(loss) or (at > args.warmup_steps and loss > DIVERGENCE_FACTOR * best_train):
+                    status, exit_code = "failed", EXIT_DIVERGED
+                    message = f"training diverged at step {at}: loss {loss:.4g} (best {best_train:.4g}); {kept()}"
+                    break
+                best_train = min(best_train, loss)
+            if status == "failed":
+                break
+            if stop.requested:
+                status, exit_code, message = "aborted", EXIT_ABORTED, f"interrupted at step {step}"
+                break
+        bar.close()
+        if status == "completed" and step != evaluated_at:
             evaluate()
-        if step % checkpoint_interval == 0 and step != start_step:
+        if status != "failed":
             save()
-        progress = step / decay_steps
-        if args.max_seconds is not None:
-            progress = max(progress, elapsed / args.max_seconds)
-        lr = learning_rate(step, progress, args)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr / args.learning_rate
-
-        t0 = time.perf_counter()
-        loss_sum = 0.0
-        for _ in range(args.grad_accum):
-            x, y = data.get_batch(splits.train, args.batch_size, args.block_size, batch_generator, device)
-            with autocast:
-                _, loss = step_model(x, y)
-            scaler.scale(loss / args.grad_accum).backward()
-            loss_sum += loss.item()
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        train_loss = loss_sum / args.grad_accum
-        tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
-        tracker.report_scalar("Train step", "loss", train_loss, step)
-        tracker.report_scalar("Learning rate", "lr", lr, step)
-        tracker.report_scalar("Throughput", "tokens/s", tokens_per_s, step)
-        if peak:
-            tracker.report_scalar("MFU", "percent", 100 * model.flops_per_token() * tokens_per_s / peak, step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-
-        if not math.isfinite(train_loss) or (step > args.warmup_steps and train_loss > DIVERGENCE_FACTOR * best_train):
-            status, exit_code = "failed", 1
-            message = (
-                f"training diverged at step {step}: loss {train_loss:.4g} (best {best_train:.4g}); "
-                f"the last good checkpoint is kept in {out_dir}"
-            )
-            break
-        best_train = min(best_train, train_loss)
-        if stop.requested:
-            status, exit_code, message = "aborted", EXIT_ABORTED, f"interrupted at step {step}"
-            break
-    bar.close()
-
-    if status == "failed":
-        print(message, file=sys.stderr)
-    else:
-        if status == "completed":
-            evaluate()
-        path = save()
-        tracker.register_checkpoint(path, tokenizer_path, step)
-        if status == "aborted":
-            print(
-                f"{message}; checkpoint saved to {path}\n  continue with: python main.py --resume {out_dir}",
-                file=sys.stderr,
-            )
-    tracker.close(status, message)
+            tracker.register_checkpoint(out_dir / ckpt.CHECKPOINT, tokenizer_path, step)
+    except KeyboardInterrupt:  # during an evaluation or a sample: keep what the steps did
+        status, exit_code, message = "aborted", EXIT_ABORTED, f"interrupted at step {step}"
+        stop.interruptible = False
+        try:
+            save()
+            tracker.register_checkpoint(out_dir / ckpt.CHECKPOINT, tokenizer_path, step)
+        except ckpt.NotFiniteError:
+            message += f"; the weights are not finite, so {kept()}"
+        except QuitNow:
+            message += f"; quit at once, {kept()}"
+    except QuitNow:
+        status, exit_code, message = "aborted", EXIT_ABORTED, f"quit at once at step {step}; {kept()}"
+    except ckpt.NotFiniteError:
+        status, exit_code = "failed", EXIT_DIVERGED
+        message = f"training diverged by step {step}: the weights are no longer finite; {kept()}"
+    except Exception as e:
+        exit_code, message = failure(e, step, kept(), out_dir)
+        status = "failed"
+    finally:
+        if bar is not None:
+            bar.close()
+    if status == "aborted" and saved_step == step:
+        message += (
+            f"; checkpoint saved to {out_dir / ckpt.CHECKPOINT}\n  continue with: python main.py --resume {out_dir}"
+        )
+    if status != "completed":
+        say(message)
+    stop.closing = True
+    tracker.close(status, message.splitlines()[0] if message else "")
     return exit_code
+
+
+def failure(error: Exception, step: int, kept: str, out_dir: Path) -> tuple[int, str]:
+    """The exit code and the one line for a failure from outside (or a bug); the traceback goes to error.log."""
+    log = out_dir / "error.log"
+    with contextlib.suppress(OSError), open(log, "a") as f:
+        f.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} step {step}\n{traceback.format_exc()}\n")
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in text:
+        return EXIT_OUT_OF_MEMORY, f"out of memory at step {step}; {kept}; try a smaller --batch_size (details: {log})"
+    if isinstance(error, OSError):
+        what = "the disk is full" if error.errno == errno.ENOSPC else f"I/O error ({error.strerror or text})"
+        return EXIT_IO, f"{what} at step {step}; {kept}, whole (details: {log})"
+    return EXIT_BUG, f"unexpected error at step {step}: {type(error).__name__}: {text}; {kept} (traceback: {log})"
+
+
+def copy_state(state: dict) -> dict:
+    """A deep copy of a state dict whose tensors are cloned (optimizer states nest dicts of tensors)."""
+    return {k: copy_state(v) if isinstance(v, dict) else v.clone() if torch.is_tensor(v) else v
+            for k, v in state.items()}  # fmt: skip
 
 
 def peak_flops(device: str) -> float | None:
@@ -611,8 +876,4 @@ def peak_flops(device: str) -> float | None:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted before training started; nothing to save", file=sys.stderr)
-        sys.exit(EXIT_ABORTED)
+    sys.exit(main())

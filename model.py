@@ -334,6 +334,15 @@ class GPT(nn.Module):
         n_weights = self.num_params() - lookups.weight.numel()
         return 6 * n_weights + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
+    def training_memory(self, batch_size: int) -> int:
+        """A rough lower bound of the bytes one training step holds: weights, gradients and two optimizer states
+        in fp32, the activations kept for backward (about 16 values per channel per layer), and the logits three
+        times over (logits, probabilities, their gradient)."""
+        cfg = self.config
+        tokens = batch_size * cfg.block_size
+        activations = tokens * (16 * cfg.n_layer * cfg.n_embd + 3 * cfg.vocab_size)
+        return 4 * (4 * self.num_params() + activations)
+
     @torch.no_grad()
     def generate(
         self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None

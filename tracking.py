@@ -110,6 +110,11 @@ class Tracker:
     def task_id(self) -> str:
         return self.task.id
 
+    def update_flags(self, changed: dict) -> None:
+        """Flags the run settled after they were connected (a default that depends on others, a step count)."""
+        for name, value in changed.items():
+            self.task.set_parameter(f"Args/{name}", value)
+
     def report_scalar(self, title: str, series: str, value: float, step: int) -> None:
         self.logger.report_scalar(title, series, value=value, iteration=step)
 

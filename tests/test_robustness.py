@@ -38,7 +38,7 @@ def test_signal_after_first_eval_saves_checkpoint_and_aborts_task(project, signu
     assert "Traceback" not in stderr
     assert "checkpoint saved to RUN/ckpt.pt" in stderr and "--resume RUN" in stderr
     checkpoint = torch.load(project.path / "RUN" / "ckpt.pt", weights_only=False)
-    assert checkpoint["step"] >= 1
+    assert f"interrupted at step {checkpoint['step']};" in stderr
     [session] = project.sessions()
     assert "aborted" in session.task["tags"]
 
@@ -61,8 +61,11 @@ def test_resume_continues_after_the_saved_step(project):
 
 def test_second_ctrl_c_quits_at_once(project):
     # Steps of about a second, so the second Ctrl+C lands while the first waits for its step to end.
-    process = project.start(*QUICK, "--batch_size", "1024", "--max_steps", "100000", "--out_dir", "RUN")
+    process = project.start(
+        *QUICK, "--batch_size", "1024", "--max_steps", "100000", "--sample_tokens", "0", "--out_dir", "RUN"
+    )
     wait_for_line(process.stdout, "step 0:", timeout=60)
+    time.sleep(1.0)  # past the evaluation, inside the first training steps
     process.send_signal(signal.SIGINT)
     wait_for_line(process.stderr, "stopping after this step", timeout=10)
     process.send_signal(signal.SIGINT)
