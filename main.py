@@ -585,9 +585,16 @@ def evaluate_only(args: argparse.Namespace, model: GPT, splits: data.Splits, dev
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     stop = StopFlag()
     stop.install()
+    try:
+        return run(sys.argv[1:] if argv is None else argv, stop)
+    except KeyboardInterrupt:
+        say("interrupted before training started; nothing to save")
+        return EXIT_ABORTED
+
+
+def run(argv: list[str], stop: StopFlag) -> int:
     parser = build_parser()
     args, checkpoint = resolve_args(parser, argv)
     device = pick_device(parser, args.device)
@@ -607,9 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted while preparing data; nothing to save")
         return EXIT_ABORTED
-    if splits.tokenizer.vocab_size < args.vocab_size:
-        say(f"the text allows only {splits.tokenizer.vocab_size} tokens, not {args.vocab_size}; training with those")
-        args.vocab_size = splits.tokenizer.vocab_size
+    args.vocab_size = splits.tokenizer.vocab_size  # fewer where the text allows fewer merges (data.py says so)
     config = GPTConfig(
         vocab_size=splits.tokenizer.vocab_size,
         block_size=args.block_size,
@@ -837,10 +842,10 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
         message += (
             f"; checkpoint saved to {out_dir / ckpt.CHECKPOINT}\n  continue with: python main.py --resume {out_dir}"
         )
-    if status != "completed":
-        say(message)
     stop.closing = True
     tracker.close(status, message.splitlines()[0] if message else "")
+    if status != "completed":
+        say(message)  # last, after ClearML's own lines: what happened and what was kept
     return exit_code
 
 

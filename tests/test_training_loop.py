@@ -1,0 +1,105 @@
+"""The training loop's recipe: no host sync inside a step, the learning-rate schedule, bits per byte, resume flags."""
+
+import contextlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from runner import TINY_MODEL, TRAIN_SAMPLE, make_project
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import main
+from model import GPT, GPTConfig
+from tokenizer import Tokenizer
+
+# Ops that make the host wait for the device: reading a value (item, bool, equality of whole tensors).
+SYNCING_OPS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.equal")
+
+
+class SyncCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.syncs, self.ops = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if str(func).startswith(SYNCING_OPS):
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def flags(*extra: str):
+    return main.build_parser().parse_args(["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16",
+                                           "--batch_size", "4", *extra])  # fmt: skip
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_a_training_step_never_waits_for_the_device(optimizer):
+    args = flags("--grad_accum", "2", "--optimizer", optimizer)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    model_optimizer = main.build_optimizer(model, args, "cpu", None)
+    batches = main.Batches(np.random.default_rng(0).integers(0, 97, 5000).astype(np.uint16), args, "cpu")
+    scaler = torch.amp.GradScaler(enabled=False)
+    main.train_step(model, model_optimizer, scaler, batches, args, contextlib.nullcontext())  # creates the state
+    with SyncCounter() as counter:
+        main.set_learning_rate(model_optimizer, 3, args)
+        loss = main.train_step(model, model_optimizer, scaler, batches, args, contextlib.nullcontext())
+    assert counter.ops > 100  # the step really ran under the counter
+    assert counter.syncs == []
+    assert loss.dim() == 0 and math.isfinite(loss.item())
+
+
+def test_learning_rate_schedule():
+    args = flags("--learning_rate", "1e-3", "--min_lr", "1e-4", "--warmup_steps", "10", "--max_steps", "110")
+    lr = [main.learning_rate(step, args) for step in range(111)]
+    assert lr[0] == pytest.approx(1e-3 / 11) and lr[9] == pytest.approx(1e-3 * 10 / 11)
+    assert lr[10] == pytest.approx(1e-3)  # the cosine starts at the end of warmup
+    assert lr[60] == pytest.approx((1e-3 + 1e-4) / 2)
+    assert lr[110] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:], strict=False))
+
+
+def test_bits_per_byte_leaves_special_tokens_out():
+    text = "The cat sat.\n<|endoftext|>\nA dog ran.\n<|endoftext|>\n"
+    tokenizer = Tokenizer.train(text * 3, 260)
+    ids = np.array(tokenizer.encode(text), dtype=np.uint16)
+    n_tokens, n_bytes = main.text_only(ids, len(text.encode()), tokenizer)
+    # By hand: two <|endoftext|> tokens, each standing for 13 bytes of text.
+    assert n_tokens == len(ids) - 2 and n_bytes == len(text.encode()) - 2 * 13
+    assert main.bits_per_byte(math.log(2), n_tokens, n_bytes) == pytest.approx(n_tokens / n_bytes)
+
+
+@pytest.fixture
+def project(tmp_path):
+    project = make_project(tmp_path)
+    (project.path / "stories.txt").write_bytes(TRAIN_SAMPLE.read_bytes()[:300_000])
+    return project
+
+
+QUICK = [*TINY_MODEL, "--data", "stories.txt", "--eval_iters", "1", "--eval_interval", "4", "--sample_tokens", "2"]
+
+
+def test_resume_trains_with_changed_optimizer_flags_and_refuses_another_optimizer(project):
+    assert project.run(*QUICK, "--max_steps", "4", "--warmup_steps", "0", "--out_dir", "RUN").returncode == 0
+    resumed = project.run("--resume", "RUN", "--max_steps", "8", "--muon_lr", "0.005", "--beta2", "0.9")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    groups = torch.load(project.path / "RUN" / "ckpt.pt", weights_only=False)["optimizer"]["param_groups"]
+    muon = next(g for g in groups if g["use_muon"])
+    assert muon["initial_lr"] == 0.005 and 0 < muon["lr"] <= 0.005
+    assert all(g["betas"] == (0.9, 0.9) for g in groups)
+    refused = project.run("--resume", "RUN", "--max_steps", "12", "--optimizer", "adamw")
+    assert refused.returncode == 2 and "--optimizer cannot change" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_max_seconds_becomes_a_recorded_step_count_that_reproduces(project):
+    timed = project.run(*QUICK, "--max_steps", "100000", "--max_seconds", "2", "--out_dir", "TIMED")
+    assert timed.returncode == 0, timed.stderr[-2000:]
+    saved = torch.load(project.path / "TIMED" / "ckpt.pt", weights_only=False)
+    steps = saved["args"]["max_steps"]
+    assert steps < 100000 and saved["step"] == steps and f"--max_steps {steps}" in timed.stderr
+    again = project.run(*QUICK, "--max_steps", str(steps), "--out_dir", "AGAIN")
+    assert again.returncode == 0, again.stderr[-2000:]
+    first, second = project.sessions()
+    assert first.scalars("Train step", "loss") == second.scalars("Train step", "loss")
