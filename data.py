@@ -453,7 +453,7 @@ def stream_bytes(session: requests.Session, url: str, start: int, end: int) -> I
     """Bytes [start, end) of url by Range requests. A cut or stalled connection is resumed where it stopped; the
     download fails only after STALLS resumes in a row that brought no byte."""
     stalls = 0
-    while True:
+    while start < end:
         began = start
         try:
             headers = {"Range": f"bytes={start}-{end - 1}"}
@@ -484,7 +484,7 @@ def check_story_end(url: str, data: bytes, at: int, whole: bool) -> None:
     """Refuse `data`, the file's bytes from `at`, where its first STORY_BYTES hold no story end; where it is all
     there is (a whole file, the tokenizer's prefix), it must hold one however short it is."""
     if (len(data) >= STORY_BYTES or whole) and EOT not in data[:STORY_BYTES]:
-        span = f"its first {len(data[:STORY_BYTES]):,} bytes" if at == 0 else f"{STORY_BYTES:,} bytes from {at:,}"
+        span = f"its first {len(data[:STORY_BYTES]):,} bytes" if at == 0 else f"{STORY_BYTES:,} bytes from byte {at:,}"
         raise not_tinystories(url, f"no {EOT.decode()} in {span}", f"it sent {summary(data)}")
 
 
