@@ -475,7 +475,7 @@ def stream_bytes(session: requests.Session, url: str, start: int, end: int) -> I
             error = type(e).__name__
         stalls = 0 if start > began else stalls + 1
         if stalls > STALLS:
-            raise unreachable(url, f"{error} at byte {start:,}, {stalls} tries in a row without data")
+            raise unreachable(url, f"stalled at byte {start:,}: {stalls} tries in a row brought nothing; {error}")
         say(f"download of {url} cut at byte {start:,} ({error}); resuming there")
         time.sleep(RESUME_PAUSE * stalls)
 
