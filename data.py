@@ -540,7 +540,7 @@ def extend_stream_cache(
     if meta is None:
         meta = dict(url=url, **remote, fingerprint=tokenizer.fingerprint, bytes=0, tokens=0)
         (folder / "tokens.bin").unlink(missing_ok=True)
-    pending, fetched = b"", meta["bytes"]
+    pending, fetched = bytearray(), meta["bytes"]  # a bytearray grows in place, piece by piece
     with progress(url.rsplit("/", 1)[-1], size, meta["bytes"]) as bar:
         while meta["tokens"] < needed_tokens and meta["bytes"] < size:
             bytes_per_token = meta["bytes"] / meta["tokens"] if meta["tokens"] else BYTES_PER_TOKEN_GUESS
@@ -556,7 +556,7 @@ def extend_stream_cache(
                 continue  # no story has ended yet in what was fetched
             text = decode_text(url, pending[:cut], meta["bytes"])
             commit_tokens(folder, meta, tokenize(tokenizer, text), cut)
-            pending = pending[cut:]
+            del pending[:cut]
     return meta
 
 
