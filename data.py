@@ -6,17 +6,27 @@ Design choices:
   and tokenized in chunks of a few MB.
 - Stories end at `<|endoftext|>`, and the tokenizer never lets a word cross it, so text cut right after it
   tokenizes the same in pieces as in one go: a download cut anywhere resumes with exactly the same tokens.
-- TinyStories is streamed with `requests` (urllib3 retries, timeouts); only what the run needs is fetched and
-  tokenized, and a later run that needs more continues with an HTTP Range request where the cache stops. A cut
-  connection resumes by Range too; a server that ignores Range is read past what we already have.
+- TinyStories is streamed with `requests`: only what the run needs is fetched and tokenized, and a later run that
+  needs more continues with an HTTP Range request where the cache stops. Errors and overloaded servers (429, 5xx)
+  are retried by urllib3 with back-off; read timeouts are not, since a body stalled mid-file is resumed anyway.
+- A cut or stalled connection is resumed by Range where it stopped: pieces are read as they arrive (`read1`), so a
+  cut loses no byte received. The resume budget counts tries in a row that brought no byte, so a link that keeps
+  making progress always finishes and a dead one fails within a few read timeouts. A server that ignores Range is
+  read past what we already have.
+- Nothing is kept that is not TinyStories text: an error status or a web page (a proxy's error page or a login
+  wall answers 200 with HTML) is refused by its headers, and the text itself must be UTF-8 with a story end
+  within every STORY_BYTES. The error names the URL and what came back.
 - A cache is committed by rewriting its metadata (temporary file, then rename) after the tokens are flushed:
   readers trust only the recorded token count, so a run killed at any moment never leaves a cache that reads as
-  whole. An exclusive `flock` serialises runs that prepare the same cache.
+  whole. An exclusive `flock` serialises runs that prepare the same cache; whoever holds it first removes the
+  temporary files and `.building-*` folders a killed run left there, since only a lock holder writes them.
 - A local file's cache is keyed by its path, size, modification time, split and tokenizer; it is built in a
   temporary folder and renamed into place. Its last `val_fraction`, from a story boundary, is validation.
 - The tokenizer is trained on a bounded prefix of the training text and cached beside the tokens. For TinyStories
-  that prefix is kept with the file's size and ETag, and the training tokens start from it instead of fetching
-  it again.
+  that prefix is kept with the file's size and ETag, recorded last as its commit; when the file on the server no
+  longer matches, the prefix and every tokenizer learned from it are made again. The training tokens start from
+  the prefix instead of fetching it again. Where the text allows fewer merges than asked, the smaller vocabulary
+  is the one used, and said.
 """
 
 import codecs
@@ -25,8 +35,10 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import requests
 import torch
+import urllib3
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
@@ -51,10 +64,14 @@ TOKENIZER_TRAIN_BYTES = 4 << 20  # the prefix of the training text the tokenizer
 CHUNK_BYTES = 8 << 20  # text tokenized at a time
 WHOLE_FILE = 1 << 62  # tokens "needed" of the validation file (19 MB in V1, 22 MB in V2): all of it
 BYTES_PER_TOKEN_GUESS = 4.5  # to size downloads before the first tokens are counted
-STREAM_PIECE = 64 << 10  # bytes read at a time: a cut connection loses at most this much; the smallest request
-RETRIES = 5  # urllib3 retries per request (connect, read, 5xx, 429), with backoff
-RESUMES = 20  # times a download cut mid-body is resumed
-TIMEOUT = (5, 30)  # connect, read seconds
+STREAM_PIECE = 64 << 10  # the most bytes read at a time; the smallest request
+RETRIES = 5  # urllib3 retries per request (connection errors, 5xx, 429), with back-off: 15 s in all
+TIMEOUT = (5, 10)  # connect, read seconds: a server silent for this long has stalled
+STALLS = 3  # resumes in a row that bring no byte before a download fails: a stall fails within ~45 s
+RESUME_PAUSE = 1.0  # seconds before a resume, times the stalls in a row
+STORY_BYTES = 256 << 10  # TinyStories' stories are a few KB: this much text without a story end is not TinyStories
+WEB_PAGE_TYPES = ("text/html", "application/xhtml+xml", "application/json", "application/xml", "text/xml")
+PROGRESS_DELAY = 1.0  # seconds before a progress bar shows: quick steps stay quiet
 
 
 class DataError(Exception):
@@ -113,14 +130,22 @@ def digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def write_json(path: Path, payload: dict) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file, fsync, rename: the file is either the old one or the new one, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl+C included: leave no temporary file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: dict) -> None:
+    write_atomic(path, json.dumps(payload).encode())
 
 
 def read_json(path: Path) -> dict | None:
@@ -145,8 +170,27 @@ def locked(folder: Path):
     except OSError as e:
         raise DataError(f"cannot write the cache in {folder} ({e.strerror}); choose another --cache_dir") from None
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another run preparing {folder}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        remove_leftovers(folder)
         yield
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Temporary files and folders under `folder` left by a run that was killed while it held the lock."""
+    for leftover in folder.rglob(".building-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in folder.rglob("*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
+def progress(desc: str, total: int, initial: int = 0) -> tqdm:
+    """A progress bar on stderr with rate and time left, shown once a step has lasted PROGRESS_DELAY."""
+    return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, file=sys.stderr,
+                delay=PROGRESS_DELAY)  # fmt: skip
 
 
 def cut_after_last(data: bytes, marks: tuple[bytes, ...]) -> int:
@@ -177,12 +221,18 @@ def tokenize(tokenizer: Tokenizer, text: str) -> np.ndarray:
 
 
 def cached_tokenizer(folder: Path, text: str, vocab_size: int) -> Tokenizer:
+    """The tokenizer learned from `text`, cached in folder; its vocab_size is below the one asked for where the
+    text holds fewer distinct pairs to merge."""
     path = folder / f"tokenizer-{vocab_size}.json"
     if path.exists():
-        return Tokenizer.load(path)
-    say(f"training a {vocab_size}-token BPE tokenizer on {len(text.encode()) / 1e6:.1f} MB of text")
-    tokenizer = Tokenizer.train(text, vocab_size)
-    tokenizer.save(path)
+        tokenizer = Tokenizer.load(path)
+    else:
+        say(f"training a {vocab_size}-token BPE tokenizer on {len(text.encode()) / 1e6:.1f} MB of text")
+        tokenizer = Tokenizer.train(text, vocab_size)
+        tokenizer.save(path)
+    if tokenizer.vocab_size < vocab_size:
+        say(f"the text allows only {tokenizer.vocab_size} tokens, not {vocab_size} (--vocab_size): "
+            f"the run uses {tokenizer.vocab_size}")  # fmt: skip
     return tokenizer
 
 
@@ -190,23 +240,40 @@ def cached_tokenizer(folder: Path, text: str, vocab_size: int) -> Tokenizer:
 # a local text file
 
 
+NOT_A_FILE = {
+    stat.S_ISDIR: "is a directory, not a text file",
+    stat.S_ISFIFO: "is a named pipe (FIFO): the text is read more than once, so give a regular .txt file",
+    stat.S_ISCHR: "is a character device, not a text file: give a regular .txt file",
+    stat.S_ISBLK: "is a block device, not a text file: give a regular .txt file",
+    stat.S_ISSOCK: "is a socket, not a text file: give a regular .txt file",
+}
+
+
 def check_text_file(path: Path) -> int:
-    if not path.exists():
-        raise DataError(f"--data {path}: no such file (give 'tinystories' or the path of a .txt file)")
-    if not path.is_file():
-        raise DataError(f"--data {path}: is a directory, not a text file")
-    size = path.stat().st_size
-    if size == 0:
+    """The size of a regular, non-empty UTF-8 text file at path; anything else is a DataError."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise DataError(f"--data {path}: no such file (give 'tinystories' or the path of a .txt file)") from None
+    except OSError as e:
+        raise DataError(f"--data {path}: cannot read it ({e.strerror})") from None
+    for is_kind, message in NOT_A_FILE.items():
+        if is_kind(info.st_mode):  # checked before opening: opening a FIFO waits for a writer
+            raise DataError(f"--data {path}: {message}")
+    if info.st_size == 0:
         raise DataError(f"--data {path}: the file is empty")
-    with open(path, "rb") as f:
-        head = f.read(1 << 20)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+    except OSError as e:
+        raise DataError(f"--data {path}: cannot read it ({e.strerror})") from None
     if b"\0" in head:
         raise DataError(f"--data {path}: looks binary (it holds NUL bytes), not like a text file")
     try:
         codecs.getincrementaldecoder("utf-8")().decode(head)
     except UnicodeDecodeError:
         raise DataError(f"--data {path}: is not UTF-8 text") from None
-    return size
+    return info.st_size
 
 
 def split_point(path: Path, size: int, val_fraction: float) -> int:
@@ -244,7 +311,7 @@ def read_text_chunks(path: Path, start: int, end: int) -> Iterator[str]:
 def write_tokens(path: Path, tokenizer: Tokenizer, chunks: Iterator[str], total: int, desc: str) -> tuple[int, int]:
     """Tokenize text chunks into a uint16 file; returns (tokens, bytes)."""
     n_tokens = n_bytes = 0
-    with open(path, "wb") as out, tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr) as bar:
+    with open(path, "wb") as out, progress(desc, total) as bar:
         for text in chunks:
             ids = tokenize(tokenizer, text)
             out.write(ids.tobytes())
@@ -306,57 +373,127 @@ def build_file_cache(path: Path, split: int, size: int, tokenizer: Tokenizer, fo
 
 
 def http_session() -> requests.Session:
-    retry = Retry(total=RETRIES, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504),
-                  allowed_methods=("HEAD", "GET"))  # fmt: skip
+    retry = Retry(total=RETRIES, read=False, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504),
+                  allowed_methods=("HEAD", "GET"), raise_on_status=False)  # fmt: skip
     session = requests.Session()
     session.mount("http://", HTTPAdapter(max_retries=retry))
     session.mount("https://", HTTPAdapter(max_retries=retry))
+    session.headers["Accept-Encoding"] = "identity"  # byte offsets in Range requests are offsets in the file
     return session
 
 
-def unreachable(url: str, error: Exception) -> DataError:
-    return DataError(
-        f"cannot download {url} ({type(error).__name__}); check the network, point --tinystories_url "
-        "(or TINYSTORIES_URL) at a mirror, or give --data a local .txt file"
-    )
+WHAT_TO_DO = "point --tinystories_url (or TINYSTORIES_URL) at a mirror, or give --data a local .txt file"
+NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError)  # requests' own, and those of raw reads
 
 
-def remote_file(session: requests.Session, url: str) -> tuple[int, str]:
-    """Size and ETag of the file at url."""
+def unreachable(url: str, error: str) -> DataError:
+    return DataError(f"cannot download {url} ({error}); check the network, {WHAT_TO_DO}")
+
+
+def summary(data: bytes) -> str:
+    text = " ".join(data[:80].decode("utf-8", errors="replace").split())
+    return f"{len(data):,} bytes starting {text!r}" if data else "no bytes"
+
+
+def not_tinystories(url: str, problem: str, what_came: str) -> DataError:
+    return DataError(f"{url} is not TinyStories text ({problem}): {what_came}; nothing of it was kept. "
+                     f"Check the network or proxy, {WHAT_TO_DO}")  # fmt: skip
+
+
+def answer_problem(response: requests.Response) -> str | None:
+    """Why an answer is not the file: an error status, or a web page (a proxy's error page, a login wall)."""
+    if response.status_code not in (200, 206):
+        return f"status {response.status_code}"
+    if response.headers.get("Content-Type", "").split(";")[0].strip().lower() in WEB_PAGE_TYPES:
+        return "a web page"
+    return None
+
+
+def refuse(url: str, response: requests.Response, body: bytes) -> DataError:
+    kind = response.headers.get("Content-Type") or "no Content-Type"
+    what_came = f"the server answered {response.status_code} {response.reason}, {kind}, {summary(body)}"
+    return not_tinystories(url, answer_problem(response), what_came)
+
+
+def first_bytes(response: requests.Response, n: int = 200) -> bytes:
+    """Up to n bytes of a streamed body, as far as the server sends them, for an error message."""
+    data = b""
     try:
-        response = session.head(url, allow_redirects=True, timeout=TIMEOUT)
-        response.raise_for_status()
-    except requests.RequestException as e:
-        raise unreachable(url, e) from None
+        while len(data) < n and (piece := response.raw.read1(n - len(data))):
+            data += piece
+    except NETWORK_ERRORS:
+        pass
+    return data
+
+
+def remote_file(session: requests.Session, url: str) -> dict:
+    """Size and ETag of the file at url; an answer that is not the file (an error, a web page) is a DataError."""
+    for stalls in range(STALLS + 1):
+        try:
+            response = session.head(url, allow_redirects=True, timeout=TIMEOUT)
+            break
+        except requests.ReadTimeout as e:
+            if stalls == STALLS:
+                raise unreachable(url, f"{type(e).__name__}, {STALLS + 1} times") from None
+        except requests.RequestException as e:
+            raise unreachable(url, type(e).__name__) from None
+    if answer_problem(response):
+        try:  # a HEAD has no body: show what a GET brings (without retries, which the HEAD had)
+            with requests.get(url, stream=True, timeout=TIMEOUT, headers={"Accept-Encoding": "identity"}) as page:
+                body = first_bytes(page)
+        except requests.RequestException:
+            body = b""
+        raise refuse(url, response, body)
     if "Content-Length" not in response.headers:
         raise DataError(f"{url} does not say how large it is (no Content-Length); cannot stream it")
-    return int(response.headers["Content-Length"]), response.headers.get("ETag", "")
+    return dict(size=int(response.headers["Content-Length"]), etag=response.headers.get("ETag", ""))
 
 
 def stream_bytes(session: requests.Session, url: str, start: int, end: int) -> Iterator[bytes]:
-    """Bytes [start, end) of url by a Range request, resumed with another where the connection is cut."""
-    resumes = 0
+    """Bytes [start, end) of url by Range requests. A cut or stalled connection is resumed where it stopped; the
+    download fails only after STALLS resumes in a row that brought no byte."""
+    stalls = 0
     while start < end:
+        began = start
         try:
             headers = {"Range": f"bytes={start}-{end - 1}"}
             with session.get(url, headers=headers, stream=True, timeout=TIMEOUT) as response:
-                response.raise_for_status()
+                if answer_problem(response):
+                    raise refuse(url, response, first_bytes(response))
                 skip = start if response.status_code == 200 else 0  # 200: the server ignored Range, sent it all
-                for chunk in response.iter_content(STREAM_PIECE):
+                while start < end and (piece := response.raw.read1(STREAM_PIECE)):  # what has arrived, up to a piece
                     if skip:
-                        chunk, skip = chunk[skip:], max(skip - len(chunk), 0)
-                    chunk = chunk[: end - start]
-                    if chunk:
-                        start += len(chunk)
-                        yield chunk
-                    if start >= end:
-                        return
-            raise requests.ConnectionError(f"connection closed at byte {start} of {end}")
-        except requests.RequestException as e:
-            resumes += 1
-            if resumes > RESUMES or isinstance(e, requests.HTTPError):
-                raise unreachable(url, e) from None
-            say(f"download of {url} cut at byte {start:,}; resuming there")
+                        piece, skip = piece[skip:], max(skip - len(piece), 0)
+                    piece = piece[: end - start]
+                    if piece:
+                        start += len(piece)
+                        yield piece
+            if start >= end:
+                return
+            error = "connection closed early"
+        except NETWORK_ERRORS as e:
+            error = type(e).__name__
+        stalls = 0 if start > began else stalls + 1
+        if stalls > STALLS:
+            raise unreachable(url, f"stalled at byte {start:,}: {stalls} tries in a row brought nothing; {error}")
+        say(f"download of {url} cut at byte {start:,} ({error}); resuming there")
+        time.sleep(RESUME_PAUSE * stalls)
+
+
+def check_story_end(url: str, data: bytes, at: int, whole: bool) -> None:
+    """Refuse `data`, the file's bytes from `at`, where its first STORY_BYTES hold no story end; where it is all
+    there is (a whole file, the tokenizer's prefix), it must hold one however short it is."""
+    if (len(data) >= STORY_BYTES or whole) and EOT not in data[:STORY_BYTES]:
+        span = f"its first {len(data[:STORY_BYTES]):,} bytes" if at == 0 else f"{STORY_BYTES:,} bytes from byte {at:,}"
+        raise not_tinystories(url, f"no {EOT.decode()} in {span}", f"it sent {summary(data)}")
+
+
+def decode_text(url: str, data: bytes, at: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        problem = f"not UTF-8 at byte {at + e.start:,}"
+        raise not_tinystories(url, problem, f"it sent {summary(data[max(e.start - 40, 0) :])}") from None
 
 
 def file_bytes(session: requests.Session, url: str, start: int, end: int, known: bytes) -> Iterator[bytes]:
@@ -368,70 +505,83 @@ def file_bytes(session: requests.Session, url: str, start: int, end: int, known:
         yield from stream_bytes(session, url, start, end)
 
 
+def commit_tokens(folder: Path, meta: dict, ids: np.ndarray, n_bytes: int) -> None:
+    """Write ids after the committed tokens (over any a killed run left uncommitted), flush, then commit."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tokens.bin"
+    with open(path, "r+b" if path.exists() else "wb") as out:
+        out.seek(meta["tokens"] * 2)
+        out.write(ids.tobytes())
+        out.truncate()
+        out.flush()
+        os.fsync(out.fileno())
+    meta.update(bytes=meta["bytes"] + n_bytes, tokens=meta["tokens"] + len(ids))
+    write_json(folder / "meta.json", meta)  # the commit point
+
+
 def extend_stream_cache(
     session: requests.Session,
     url: str,
+    remote: dict,
     folder: Path,
     tokenizer: Tokenizer,
     needed_tokens: int,
-    prefix: tuple[bytes, dict | None] = (b"", None),
+    known: bytes = b"",
 ) -> dict:
-    """Tokenize url from where the cache stops until it holds `needed_tokens` tokens (or the whole file).
+    """Tokenize url from where the cache in folder stops until it holds `needed_tokens` tokens (or the whole file).
 
-    `prefix` is the file's first bytes with the size and ETag they were fetched at; they are not fetched again
-    while the file on the server is still that one.
+    `remote` is the file's size and ETag on the server now; `known`, its first bytes already fetched at that version.
     """
-    size, etag = remote_file(session, url)
-    known, version = prefix
-    if version != dict(size=size, etag=etag):
-        known = b""
-    meta_path, tokens_path = folder / "meta.json", folder / "tokens.bin"
-    meta = read_json(meta_path)
-    if meta and (meta["size"], meta["etag"]) != (size, etag):
+    size = remote["size"]
+    meta = read_json(folder / "meta.json")
+    if meta and (meta["size"], meta["etag"]) != (size, remote["etag"]):
         say(f"{url} changed on the server (size or ETag); its token cache is rebuilt")
         meta = None
     if meta is None:
-        meta = dict(url=url, size=size, etag=etag, fingerprint=tokenizer.fingerprint, bytes=0, tokens=0)
-        tokens_path.unlink(missing_ok=True)
-    pending, fetched = b"", meta["bytes"]
-    with open(tokens_path, "ab") as out, tqdm(total=size, initial=meta["bytes"], desc=url.rsplit("/", 1)[-1],
-                                              unit="B", unit_scale=True, file=sys.stderr) as bar:  # fmt: skip
-        out.truncate(meta["tokens"] * 2)  # tokens written by a run killed before it committed them
+        meta = dict(url=url, **remote, fingerprint=tokenizer.fingerprint, bytes=0, tokens=0)
+        (folder / "tokens.bin").unlink(missing_ok=True)
+    pending, fetched = bytearray(), meta["bytes"]  # a bytearray grows in place, piece by piece
+    with progress(url.rsplit("/", 1)[-1], size, meta["bytes"]) as bar:
         while meta["tokens"] < needed_tokens and meta["bytes"] < size:
             bytes_per_token = meta["bytes"] / meta["tokens"] if meta["tokens"] else BYTES_PER_TOKEN_GUESS
             wanted = int((needed_tokens - meta["tokens"]) * bytes_per_token * 1.1) + STREAM_PIECE
             window_end = min(size, fetched + min(max(wanted - len(pending), STREAM_PIECE), CHUNK_BYTES))
-            for chunk in file_bytes(session, url, fetched, window_end, known):
-                pending += chunk
-                fetched += len(chunk)
-                bar.update(len(chunk))
+            for piece in file_bytes(session, url, fetched, window_end, known):
+                pending += piece
+                fetched += len(piece)
+                bar.update(len(piece))
+            check_story_end(url, pending, meta["bytes"], whole=meta["bytes"] == 0 and fetched >= size)
             cut = len(pending) if fetched >= size else cut_after_last(pending, (EOT,))
             if cut == 0:
                 continue  # no story has ended yet in what was fetched
-            ids = tokenize(tokenizer, decode(pending[:cut], url))
-            out.write(ids.tobytes())
-            out.flush()
-            os.fsync(out.fileno())
-            meta.update(bytes=meta["bytes"] + cut, tokens=meta["tokens"] + len(ids))
-            write_json(meta_path, meta)  # the commit point
-            pending = pending[cut:]
+            text = decode_text(url, pending[:cut], meta["bytes"])
+            commit_tokens(folder, meta, tokenize(tokenizer, text), cut)
+            del pending[:cut]
     return meta
 
 
-def download_prefix(session: requests.Session, url: str, folder: Path, n_bytes: int) -> tuple[bytes, dict | None]:
-    """The first n_bytes of url (cut at the last story end), kept as a file for the tokenizer to learn from, with
-    the size and ETag of the file they came from (None where that record is missing)."""
-    path, version_path = folder / "prefix.txt", folder / "prefix.json"
-    if not path.exists():
-        size, etag = remote_file(session, url)
-        write_json(version_path, dict(size=size, etag=etag))  # first: a prefix never stands with an older record
-        data = b"".join(stream_bytes(session, url, 0, min(size, n_bytes)))
-        data = data[: cut_after_last(data, (EOT,)) or len(data)]
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="prefix", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    return path.read_bytes(), read_json(version_path)
+def tokenizer_prefix(session: requests.Session, url: str, remote: dict, folder: Path, n_bytes: int) -> bytes:
+    """The first n_bytes of url cut at the last story end, for the tokenizer to learn from, kept in folder with
+    the size and ETag of the file they came from. Where the file on the server is no longer that one, the prefix
+    and every tokenizer learned from it are dropped and made again."""
+    path, record = folder / "prefix.txt", folder / "prefix.json"
+    if read_json(record) == remote and path.exists():
+        return path.read_bytes()
+    for stale in (record, *folder.glob("tokenizer-*.json"), path):
+        stale.unlink(missing_ok=True)
+    end = min(remote["size"], n_bytes)
+    pieces = []
+    with progress(f"tokenizer text from {url.rsplit('/', 1)[-1]}", end) as bar:
+        for piece in stream_bytes(session, url, 0, end):
+            pieces.append(piece)
+            bar.update(len(piece))
+    data = b"".join(pieces)
+    check_story_end(url, data, 0, whole=True)
+    data = data[: cut_after_last(data, (EOT,))]
+    decode_text(url, data, 0)
+    write_atomic(path, data)
+    write_json(record, remote)  # last: a prefix counts only once its record is there
+    return data
 
 
 def load_tinystories(
@@ -448,15 +598,14 @@ def load_tinystories(
     folder = cache_dir / "tinystories" / digest(train_url)
     session = http_session()
     with locked(folder):
-        prefix = (b"", None)
+        train_remote, known = remote_file(session, train_url), b""
         if tokenizer is None:
-            prefix = download_prefix(session, train_url, folder, TOKENIZER_TRAIN_BYTES)
-            tokenizer = cached_tokenizer(folder, prefix[0].decode("utf-8", errors="ignore"), vocab_size)
+            known = tokenizer_prefix(session, train_url, train_remote, folder, TOKENIZER_TRAIN_BYTES)
+            tokenizer = cached_tokenizer(folder, known.decode(), vocab_size)
         train_folder, valid_folder = folder / tokenizer.fingerprint / "train", folder / tokenizer.fingerprint / "valid"
-        train_folder.mkdir(parents=True, exist_ok=True)
-        valid_folder.mkdir(parents=True, exist_ok=True)
-        train = extend_stream_cache(session, train_url, train_folder, tokenizer, train_tokens, prefix)
-        valid = extend_stream_cache(session, valid_url, valid_folder, tokenizer, WHOLE_FILE)
+        train = extend_stream_cache(session, train_url, train_remote, train_folder, tokenizer, train_tokens, known)
+        valid_remote = remote_file(session, valid_url)
+        valid = extend_stream_cache(session, valid_url, valid_remote, valid_folder, tokenizer, WHOLE_FILE)
     return Splits(
         train=open_tokens(train_folder / "tokens.bin", train["tokens"]),
         val=open_tokens(valid_folder / "tokens.bin", valid["tokens"]),

@@ -12,7 +12,8 @@ Design choices:
   only in the words that hold the merged pair; a heap with lazy deletion finds the next best pair. Ties go to
   the smallest pair of ids, so training is deterministic.
 - Encoding caches each distinct piece's ids: 2 MB of TinyStories has about 23,000 distinct pieces, so encoding
-  is mostly `str.split` and dictionary look-ups done in C (`map`, `chain`). Large inputs use all cores.
+  is mostly `str.split` and dictionary look-ups done in C (`map`, `chain`). Large inputs use all cores: a pool
+  of worker processes that ignore Ctrl+C (the main process stops them), so an interrupt prints no worker traceback.
 - The JSON file holds the merges; the fingerprint is a digest of everything that decides the ids.
 """
 
@@ -22,6 +23,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import tempfile
 import weakref
 from collections import Counter, defaultdict
@@ -162,7 +164,12 @@ class Tokenizer:
             context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
             self.pool = context.Pool(workers, initializer=_init_worker, initargs=(self.merges,))
             weakref.finalize(self, self.pool.terminate)
-        return self.pool.map(_encode_in_worker, texts, chunksize=1)
+        try:
+            return self.pool.map(_encode_in_worker, texts, chunksize=1)
+        except BaseException:  # Ctrl+C included: stop the workers now, not when the program exits
+            self.pool.terminate()
+            self.pool = None
+            raise
 
     def decode(self, ids: Iterable[int]) -> str:
         specials = {i: s.encode() for s, i in self.special_ids.items()}
@@ -178,9 +185,13 @@ class Tokenizer:
         payload = {"format": FORMAT, "pattern": SPLIT_PATTERN, "special_tokens": list(self.SPECIAL_TOKENS),
                    "merges": self.merges}  # fmt: skip
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(payload, f)
+            os.replace(tmp, path)
+        except BaseException:  # Ctrl+C included: leave no temporary file behind
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
@@ -254,6 +265,10 @@ _worker_tokenizer: Tokenizer | None = None
 
 
 def _init_worker(merges: list[tuple[int, int]]) -> None:
+    # Ctrl+C reaches the whole process group; the main process handles it and terminates the pool (by SIGTERM,
+    # which must kill a worker even where the parent had its own handler when it forked).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     global _worker_tokenizer
     _worker_tokenizer = Tokenizer(merges)
 

@@ -19,21 +19,28 @@ class Request:
 
 @dataclass
 class FileServer:
-    """Serves `files` (URL name -> path), with faults on demand.
+    """Serves `files` (URL name -> path) as text/plain, with faults on demand.
 
     `cut_at[name] = (offset, n_times)`: the first n_times responses for that file that would send the byte at
-    `offset` close the connection just before it. `ignore_range`: answer 200 with the whole file.
-    `bytes_per_second`: slow every body down.
+    `offset` close the connection just before it. `stall_at[name] = (offset, n_times)`: the same, but they send
+    nothing more and keep the connection open until the server stops. `drop_after`: every response closes the
+    connection after sending this many body bytes. `ignore_range`: answer 200 with the whole file.
+    `bytes_per_second`: slow every body down. `answer = (status, content type, body)`: answer every request with
+    this instead of the file (a proxy's error page, a login wall, a server error).
     """
 
     files: dict[str, Path]
     cut_at: dict[str, tuple[int, int]] = field(default_factory=dict)
+    stall_at: dict[str, tuple[int, int]] = field(default_factory=dict)
+    drop_after: int | None = None
     ignore_range: bool = False
     bytes_per_second: int | None = None
+    answer: tuple[int, str, bytes] | None = None
     requests: list[Request] = field(default_factory=list)
 
     def __post_init__(self):
         self.lock = threading.Lock()
+        self.stopping = threading.Event()  # releases stalled responses
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -46,6 +53,7 @@ class FileServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -75,6 +83,9 @@ class FileServer:
 
             def respond(self, body: bool):
                 name = self.path.lstrip("/")
+                if server.answer:
+                    self.answer_instead(body, *server.answer)
+                    return
                 if name not in server.files:
                     self.send_error(404)
                     return
@@ -87,11 +98,14 @@ class FileServer:
                 record = Request(self.command, self.path, ranged, status)
                 with server.lock:
                     server.requests.append(record)
-                    offset, times = server.cut_at.get(name, (0, 0))
-                    cut = body and times > 0 and start <= offset < end
-                    if cut:
-                        server.cut_at[name] = (offset, times - 1)
+                    stop = end
+                    if server.drop_after is not None:
+                        stop = min(stop, start + server.drop_after)
+                    cut_at = take_fault(server.cut_at, name, start, end) if body else None
+                    stall_at = take_fault(server.stall_at, name, start, end) if body else None
+                    stop = min([stop, *(at for at in (cut_at, stall_at) if at is not None)])
                 self.send_response(status)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
                 self.send_header("Content-Length", str(end - start))
                 self.send_header("Accept-Ranges", "bytes")
                 self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest()[:16] + '"')
@@ -100,7 +114,7 @@ class FileServer:
                 self.end_headers()
                 if not body:
                     return
-                payload = data[start:offset] if cut else data[start:end]
+                payload = data[start:stop]
                 piece = server.bytes_per_second // 10 if server.bytes_per_second else len(payload) or 1
                 try:
                     for at in range(0, len(payload), piece):
@@ -110,7 +124,30 @@ class FileServer:
                             time.sleep(0.1)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
-                if cut:
+                if stall_at is not None:
+                    server.stopping.wait()
+                if stop < end:
                     self.close_connection = True
 
+            def answer_instead(self, body: bool, status: int, content_type: str, page: bytes):
+                record = Request(self.command, self.path, self.headers.get("Range"), status)
+                with server.lock:
+                    server.requests.append(record)
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(page)
+                    record.sent = len(page)
+
         return Handler
+
+
+def take_fault(faults: dict[str, tuple[int, int]], name: str, start: int, end: int) -> int | None:
+    """The offset of a fault on file `name` that a response sending bytes [start, end) meets, counted off."""
+    offset, times = faults.get(name, (0, 0))
+    if times > 0 and start <= offset < end:
+        faults[name] = (offset, times - 1)
+        return offset
+    return None

@@ -1,0 +1,138 @@
+"""A local text file as --data: what is not a regular file, a text too small for the vocabulary asked, and what
+Ctrl+C or kill -9 while tokenizing leave in the cache.
+
+The text is the TinyStories train sample in tests/data (see SOURCES.md there), repeated to take a few seconds.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from runner import ROOT, TRAIN_SAMPLE
+
+import data
+from tokenizer import Tokenizer
+
+COPIES = 2  # of the sample: long enough to interrupt while it is tokenized
+
+
+def load(path: Path, cache: Path, tokenizer: Tokenizer | None = None, vocab_size: int = 512) -> data.Splits:
+    return data.load_text_file(path, vocab_size=vocab_size, val_fraction=0.1, cache_dir=cache, tokenizer=tokenizer)
+
+
+def error_of(path: Path, cache: Path) -> str:
+    """The DataError that loading path raises; in a thread, so a loader stuck opening a FIFO fails the test."""
+    errors = []
+
+    def attempt():
+        try:
+            load(path, cache)
+        except data.DataError as e:
+            errors.append(str(e))
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert errors, "no DataError within 10 s"
+    return errors[0]
+
+
+def test_a_directory_a_fifo_and_a_device_each_get_their_own_message(tmp_path):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    cache = tmp_path / "cache"
+    assert error_of(tmp_path, cache) == f"--data {tmp_path}: is a directory, not a text file"
+    assert "is a named pipe (FIFO)" in error_of(fifo, cache)
+    assert error_of(Path("/dev/zero"), cache).startswith("--data /dev/zero: is a character device, not a text file")
+
+
+def test_a_text_with_fewer_merges_than_asked_uses_and_says_its_real_vocabulary(tmp_path, capsys):
+    path = tmp_path / "small.txt"
+    path.write_text("A cat sat on a mat.\n<|endoftext|>\nA dog ran to a log.\n<|endoftext|>\n" * 40)
+    for _ in range(2):  # trained, then from the cache
+        splits = load(path, tmp_path / "cache", vocab_size=4096)
+        real = splits.tokenizer.vocab_size
+        assert real < 4096 and max(splits.train.max(), splits.val.max()) < real
+        assert f"the text allows only {real} tokens, not 4096" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "stories.txt"
+    path.write_bytes(TRAIN_SAMPLE.read_bytes() * COPIES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    Tokenizer.train(TRAIN_SAMPLE.read_text()[:300_000], 512).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, text_file, tokenizer_path) -> data.Splits:
+    return load(text_file, tmp_path_factory.mktemp("reference"), Tokenizer.load(tokenizer_path))
+
+
+def tokenize_in_child(path: Path, cache: Path, tokenizer_path: Path) -> subprocess.Popen:
+    """A process group tokenizing path with a pool of workers, as a run does, that exits 130 on Ctrl+C."""
+    script = (
+        "import sys, data, tokenizer; from pathlib import Path\n"
+        "data.CHUNK_BYTES = 256 << 10\n"
+        "tokenizer.PARALLEL_MIN_CHARS = 0\n"
+        "try:\n"
+        f"    data.load_text_file(Path({str(path)!r}), vocab_size=512, val_fraction=0.1,\n"
+        f"        cache_dir=Path({str(cache)!r}), tokenizer=tokenizer.Tokenizer.load({str(tokenizer_path)!r}))\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', file=sys.stderr)\n"
+        "    sys.exit(130)\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def wait_until_tokenizing(child: subprocess.Popen, cache: Path) -> Path:
+    """The child's temporary folder, once tokens are being written there by its pool of workers."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and child.poll() is None:
+        building = [b for b in cache.glob("files/*/.building-*") if (b / "train.bin").exists()]
+        if building and (building[0] / "train.bin").stat().st_size and len(psutil.Process(child.pid).children()) > 1:
+            return building[0]
+        time.sleep(0.01)
+    raise AssertionError(f"the child never started tokenizing with workers (exit code {child.poll()})")
+
+
+def assert_same_tokens(splits: data.Splits, reference: data.Splits) -> None:
+    assert np.array_equal(splits.train, reference.train) and np.array_equal(splits.val, reference.val)
+
+
+def test_ctrl_c_to_the_process_group_while_tokenizing(tmp_path, text_file, tokenizer_path, reference):
+    cache = tmp_path / "cache"
+    child = tokenize_in_child(text_file, cache, tokenizer_path)
+    wait_until_tokenizing(child, cache)
+    workers = psutil.Process(child.pid).children()
+    os.killpg(child.pid, signal.SIGINT)  # what Ctrl+C in a terminal does
+    _, stderr = child.communicate(timeout=10)
+    assert child.returncode == 130 and stderr.strip() == "interrupted", stderr[-3000:]  # no worker traceback
+    assert not any(worker.is_running() for worker in workers)
+    assert not list(cache.rglob(".building-*")) and not list(cache.rglob("*.tmp"))
+    assert_same_tokens(load(text_file, cache, Tokenizer.load(tokenizer_path)), reference)
+
+
+def test_kill_9_while_tokenizing_leaves_a_folder_the_next_run_removes(tmp_path, text_file, tokenizer_path, reference):
+    cache = tmp_path / "cache"
+    child = tokenize_in_child(text_file, cache, tokenizer_path)
+    building = wait_until_tokenizing(child, cache)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.communicate(timeout=10)
+    assert building.exists()
+    assert_same_tokens(load(text_file, cache, Tokenizer.load(tokenizer_path)), reference)
+    assert not building.exists() and not list(cache.rglob(".building-*"))
