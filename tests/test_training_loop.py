@@ -18,13 +18,17 @@ SYNCING_OPS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.equal")
 
 
 class SyncCounter(TorchDispatchMode):
-    def __init__(self):
+    """Counts ops that read a value to the host. An optimizer's step counters are left out: they live on the host
+    on every device (torch's AdamW keeps them on the CPU unless fused or capturable), so reading them waits for
+    nothing."""
+
+    def __init__(self, host_counters: list[torch.Tensor]):
         super().__init__()
-        self.syncs, self.ops = [], 0
+        self.host_counters, self.syncs, self.ops = host_counters, [], 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
-        if str(func).startswith(SYNCING_OPS):
+        if str(func).startswith(SYNCING_OPS) and not any(args[0] is t for t in self.host_counters):
             self.syncs.append(str(func))
         return func(*args, **(kwargs or {}))
 
@@ -36,14 +40,15 @@ def flags(*extra: str):
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_a_training_step_never_waits_for_the_device(optimizer):
-    args = flags("--grad_accum", "2", "--optimizer", optimizer)
+    args = flags("--grad_accum", "2", "--optimizer", optimizer, "--warmup_steps", "2")
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32))
     model_optimizer = main.build_optimizer(model, args, "cpu", None)
     batches = main.Batches(np.random.default_rng(0).integers(0, 97, 5000).astype(np.uint16), args, "cpu")
     scaler = torch.amp.GradScaler(enabled=False)
     main.train_step(model, model_optimizer, scaler, batches, args, contextlib.nullcontext())  # creates the state
-    with SyncCounter() as counter:
+    counters = [s["step"] for s in model_optimizer.state.values() if torch.is_tensor(s.get("step"))]
+    with SyncCounter(counters) as counter:
         main.set_learning_rate(model_optimizer, 3, args)
         loss = main.train_step(model, model_optimizer, scaler, batches, args, contextlib.nullcontext())
     assert counter.ops > 100  # the step really ran under the counter
@@ -98,7 +103,7 @@ def test_max_seconds_becomes_a_recorded_step_count_that_reproduces(project):
     assert timed.returncode == 0, timed.stderr[-2000:]
     saved = torch.load(project.path / "TIMED" / "ckpt.pt", weights_only=False)
     steps = saved["args"]["max_steps"]
-    assert steps < 100000 and saved["step"] == steps and f"--max_steps {steps}" in timed.stderr
+    assert steps < 100000 and saved["step"] == steps and f"--max_steps {steps}" in timed.stdout
     again = project.run(*QUICK, "--max_steps", str(steps), "--out_dir", "AGAIN")
     assert again.returncode == 0, again.stderr[-2000:]
     first, second = project.sessions()
