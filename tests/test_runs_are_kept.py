@@ -243,3 +243,18 @@ def test_eval_only_scores_a_whole_file_with_progress(project):
     assert scores["val"] != scores["all"] and all(s.startswith("val_loss=") for s in scores.values())
     record = json.dumps(torch.load(project.path / "RUN" / "ckpt.pt", weights_only=False)["args"])
     assert "held-out.txt" not in record  # evaluating never rewrites the run
+
+
+def test_two_ctrl_c_during_the_final_sample_still_close_the_task(project):
+    assert project.run(*QUICK, "--max_steps", "2", "--eval_interval", "100", "--out_dir", "RUN").returncode == 0
+    # Resumed, the run evaluates only at its end, with a long sample.
+    process = project.start("--resume", "RUN", "--max_steps", "4", "--sample_tokens", "5000")
+    wait_for_line(process.stdout, "step 4:", timeout=120)  # the final evaluation is done; its sample is running
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130 and "Traceback" not in stderr
+    _, session = project.sessions()
+    assert 4 in session.scalars("Loss", "val") and "aborted" in session.task["tags"]
+    assert session.folder.with_suffix(".zip").is_file()
