@@ -1,7 +1,7 @@
 """
 The Muon optimizer step against an earlier model.py's (default: the per-matrix loop it replaced), same process.
 
-    python bench/bench_muon_step.py [--before REV] [--rounds 5]
+    python bench/bench_muon_step.py [--before REV] [--rounds 20] [--threads N]
 
 The earlier model.py is read with `git show REV:model.py` and loaded as a module beside the current one.
 Both build the same model from the same seed. Three figures each:
@@ -10,7 +10,7 @@ Both build the same model from the same seed. Three figures each:
 - the time of that optimizer step alone on this machine's CPU;
 - the time of a whole default training step (modern block, Muon: forward with loss, backward, clipping, step,
   zero_grad) at the CPU recipe's shape (bench/cpu-2min.args: 2 layers, 128 wide, block 128, batch 16).
-Times are the best of alternating rounds, so load from elsewhere on the machine hits both alike.
+Times are the best of rounds that alternate single steps, so load from elsewhere on the machine hits both alike.
 """
 
 import argparse
@@ -84,22 +84,25 @@ def training_step(module: types.ModuleType):
     return step
 
 
-def best_times(steps: dict, rounds: int, repeats: int) -> dict:
+def best_times(steps: dict, rounds: int) -> dict:
+    """The best time of each step over rounds that run every step once, in turn."""
     best = {name: float("inf") for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             started = time.perf_counter()
-            for _ in range(repeats):
-                step()
-            best[name] = min(best[name], (time.perf_counter() - started) / repeats)
+            step()
+            best[name] = min(best[name], time.perf_counter() - started)
     return best
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", default="25dcbdf", help="the git revision whose model.py is the baseline")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     modules = {f"before ({args.before})": load_model_module(args.before), "now": current}
     print(f"machine: {describe()}")
@@ -109,8 +112,8 @@ def main() -> None:
         with CountOps() as counter:
             step()
         ops[name] = counter.count
-    optimizer_times = best_times({name: optimizer_step(m) for name, m in modules.items()}, args.rounds, 3)
-    training_times = best_times({name: training_step(m) for name, m in modules.items()}, args.rounds, 5)
+    optimizer_times = best_times({name: optimizer_step(m) for name, m in modules.items()}, args.rounds)
+    training_times = best_times({name: training_step(m) for name, m in modules.items()}, args.rounds)
     before, now = modules
     print(f"{'':22s} {'ops/step':>9s} {'optimizer ms':>13s} {'train step ms':>14s}")
     for name in modules:
