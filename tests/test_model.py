@@ -260,7 +260,7 @@ def muon_step_ops(n_layer: int) -> int:
 
 def test_muon_step_dispatches_few_ops():
     """Matrices of one shape are orthogonalized together: a layer adds a few views, not a Newton–Schulz each.
-    (Looping over matrices dispatched about 55 ops per matrix, 220 per layer, over 400 at 2 layers.)"""
+    (A loop over matrices dispatches about 55 ops per matrix: 220 per layer, over 400 at 2 layers.)"""
     two, four = muon_step_ops(2), muon_step_ops(4)
     assert two < 150
     assert (four - two) / 2 <= 4 * 3  # per layer: 4 weights, a view of each and of its gradient
