@@ -8,16 +8,21 @@ Design choices:
   "modern" (default): rotary position embeddings, parameter-free RMSNorm, QK-norm, ReLU² MLP, untied input and
   output embeddings, no biases: what nanochat and modded-nanogpt use for small GPTs.
   "gpt2": learned positions, LayerNorm, GELU MLP, tied embeddings: the plain GPT-2 block, kept for comparison.
+- q and k reach attention in the compute dtype: the rotary tables are cast to it, and QK-norm's output (fp32 under
+  CUDA autocast) is cast back, so attention never runs on promoted fp32 inputs.
 - On the CPU the loss has its own lean backward (`SoftmaxCrossEntropy`): the (tokens x vocab) logits are the
   largest tensor of a small model's step, and PyTorch's cross_entropy passes over them several times. ReLU² has
   one too, and QK-norm and rotary run on q and k together: fewer passes over memory, which a CPU step pays for.
+  Elsewhere the plain ops run, which GPU kernels and torch.compile fuse better than an autograd Function.
 - Residual projections start small (std scaled by 1/sqrt(2 * n_layer)), as in GPT-2.
 - `configure_optimizers` gives AdamW, or Muon (orthogonalized momentum) for the hidden matrices with AdamW for
-  the rest, which reaches a lower loss in the same number of steps for small GPTs.
+  the rest, which reaches a lower loss in the same number of steps for small GPTs. Muon works as nanochat and
+  modded-nanogpt do: the matrices of one shape (q, k and v as three) are stacked and orthogonalized together by
+  one batched Newton–Schulz iteration, in bf16 on CUDA, compiled there, so a step dispatches about a hundred ops
+  instead of dozens per matrix. On CUDA, fp32 matmuls may use TF32 (`enable_tf32`).
 - `flops_per_token` gives the training FLOPs estimate (6N + attention) used for MFU.
 """
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -91,7 +96,9 @@ class CausalSelfAttention(nn.Module):
         else:
             # QK-norm, then rotary, on q and k at once and in (B, T) order: one pass each over contiguous memory.
             # The order does not matter in exact arithmetic: a rotation keeps each head vector's norm.
-            qk = apply_rotary(F.rms_norm(qkv[:, :, :2], (qkv.size(-1),)), *rotary)
+            # Tables and result in qkv's dtype: CUDA autocast runs rms_norm in fp32, attention wants bf16.
+            cos, sin = (table.to(qkv.dtype) for table in rotary)
+            qk = apply_rotary(F.rms_norm(qkv[:, :, :2], (qkv.size(-1),)), cos, sin).to(qkv.dtype)
             q, k = qk.unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, qkv[:, :, 2]))  # (B, n_head, T, head_dim)
         dropout_p = self.dropout if self.training else 0.0
@@ -125,7 +132,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.c_fc(x)
-        x = ReluSquared.apply(x) if self.relu_squared else F.gelu(x)
+        if not self.relu_squared:
+            x = F.gelu(x)
+        elif x.device.type == "cpu":
+            x = ReluSquared.apply(x)
+        else:
+            x = F.relu(x).square()
         return self.dropout(self.c_proj(x))
 
 
@@ -174,63 +186,129 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, targets)  # fused kernels on GPUs
 
 
-def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Push a matrix's singular values towards 1 with a quintic Newton–Schulz iteration (as in modded-nanogpt).
+def enable_tf32() -> None:
+    """Let fp32 matrix multiplies on CUDA use TF32 tensor cores (process-wide), as nanoGPT's train.py does."""
+    torch.set_float32_matmul_precision("high")
+
+
+def orthogonalize(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Push the singular values of a matrix, or of each matrix of a stack (..., rows, cols), towards 1 with a
+    quintic Newton–Schulz iteration (as in modded-nanogpt), computed in `dtype`.
 
     The coefficients trade exactness for speed: singular values land roughly in [0.7, 1.2], which is enough.
+    Each iteration is three batched matmuls however many matrices are stacked.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = update / (update.norm() + 1e-7)
-    wide = x.size(0) <= x.size(1)
-    if not wide:
-        x = x.T
+    x = update.reshape(-1, *update.shape[-2:]).to(dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT  # iterate on the wide orientation, whose Gram matrix is the smaller one
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x if wide else x.T
+        gram = torch.bmm(x, x.mT)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b G + c G²) x
+    if tall:
+        x = x.mT
+    return x.reshape(update.shape)
+
+
+def muon_update(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffer: torch.Tensor,
+    lr: torch.Tensor,
+    momentum: float,
+    ns_dtype: torch.dtype,
+) -> None:
+    """One Muon step for the matrices of one shape: Nesterov momentum, one batched orthogonalization, the update.
+
+    `momentum_buffer` is (matrices, rows, cols); each of `params` holds one or more of those matrices stacked along
+    its rows (attention's q, k and v are three). `lr` is a tensor so that torch.compile does not recompile when the
+    schedule changes it.
+    """
+    rows, cols = momentum_buffer.shape[1:]
+    grad = torch.cat([g.view(-1, rows, cols) for g in grads])
+    momentum_buffer.mul_(momentum).add_(grad)
+    update = orthogonalize(grad.add(momentum_buffer, alpha=momentum), dtype=ns_dtype).to(grad.dtype)
+    # Tall matrices scaled by sqrt(rows / cols), so their update's RMS matches a square matrix's.
+    update.mul_(lr * max(1.0, rows / cols) ** 0.5)
+    counts = [p.numel() // (rows * cols) for p in params]
+    torch._foreach_sub_([p.view(-1, rows, cols) for p in params], list(update.split(counts)))
 
 
 class Muon(torch.optim.Optimizer):
     """Muon for groups with `use_muon`, AdamW for the others, in one optimizer (one state dict, one step).
 
     Muon: Nesterov momentum, then the update matrix is orthogonalized, so every direction of a weight matrix
-    moves by about the same amount; scaled by sqrt(rows / cols) for tall matrices. Embeddings, the output head
-    and vectors keep AdamW, where orthogonal updates do not fit.
+    moves by about the same amount. A Muon group holds the matrices of one `matrix_shape`, updated together by
+    `muon_update`; its momentum is one stacked buffer, created at the first step and kept in the state of the
+    group's first parameter. Embeddings, the output head and vectors keep AdamW, where orthogonal updates do not
+    fit, as a few foreach ops per group. `compile_backend` (e.g. "inductor") compiles the Muon update.
     """
 
-    def __init__(self, groups: list[dict], betas: tuple[float, float], momentum: float = 0.95, eps: float = 1e-8):
+    def __init__(
+        self,
+        groups: list[dict],
+        betas: tuple[float, float],
+        momentum: float = 0.95,
+        eps: float = 1e-8,
+        compile_backend: str | None = None,
+    ):
         super().__init__(groups, dict(betas=betas, momentum=momentum, eps=eps, weight_decay=0.0))
+        self.lr_tensors = [torch.tensor(0.0) for _ in self.param_groups]  # one per group, read by the update
+        self.muon_update = muon_update
+        if compile_backend is not None:
+            self.muon_update = torch.compile(muon_update, backend=compile_backend, fullgraph=True, dynamic=False)
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["use_muon"]:
-                    self._muon_update(p, group)
-                else:
-                    self._adamw_update(p, group)
+        for group, lr_tensor in zip(self.param_groups, self.lr_tensors, strict=True):
+            if group["use_muon"]:
+                self._muon_step(group, lr_tensor)
+            else:
+                self._adamw_step(group)
 
-    def _muon_update(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        buffer = state.setdefault("momentum_buffer", torch.zeros_like(p))
-        buffer.mul_(group["momentum"]).add_(p.grad)
-        update = orthogonalize(p.grad.add(buffer, alpha=group["momentum"]))
-        p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+    def _muon_step(self, group: dict, lr_tensor: torch.Tensor) -> None:
+        params = group["params"]
+        grads = [p.grad for p in params]
+        if all(g is None for g in grads):
+            return
+        state = self.state[params[0]]
+        if "momentum_buffer" not in state:
+            rows, cols = group["matrix_shape"]
+            count = sum(p.numel() for p in params) // (rows * cols)
+            state["momentum_buffer"] = params[0].new_zeros(count, rows, cols)
+        ns_dtype = torch.bfloat16 if params[0].device.type == "cuda" else torch.float32
+        lr_tensor.fill_(group["lr"])
+        self.muon_update(params, grads, state["momentum_buffer"], lr_tensor, group["momentum"], ns_dtype)
 
-    def _adamw_update(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        if not state:
-            state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-        beta1, beta2 = group["betas"]
-        state["step"] += 1
-        state["exp_avg"].lerp_(p.grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
-        denominator = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / bias1)
+    def _adamw_step(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states, strict=True):
+            if not state:
+                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            state["step"] += 1
+        grads = [p.grad for p in params]
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        (beta1, beta2), lr = group["betas"], group["lr"]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denominators, [(1 - beta2 ** s["step"]) ** 0.5 for s in states])
+        torch._foreach_add_(denominators, group["eps"])
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_addcdiv_(params, exp_avgs, denominators, [-lr / (1 - beta1 ** s["step"]) for s in states])
+
+
+def muon_matrix_shape(name: str, p: torch.Tensor) -> tuple[int, int]:
+    """The shape of the matrices Muon orthogonalizes in a hidden weight: attention's c_attn is q, k and v."""
+    rows, cols = p.shape
+    return (rows // 3, cols) if name.endswith("attn.c_attn.weight") else (rows, cols)
 
 
 class GPT(nn.Module):
@@ -298,30 +376,43 @@ class GPT(nn.Module):
         betas: tuple[float, float],
         device_type: str,
         muon_lr: float | None = None,
+        compile_muon: bool | None = None,
     ) -> torch.optim.Optimizer:
         """AdamW, with weight decay on matrices only; or, given `muon_lr`, Muon for the hidden matrices.
 
-        Every group records its peak rate as `initial_lr`, so a schedule scales all groups alike.
+        Every group records its peak rate as `initial_lr`, so a schedule scales all groups alike. Muon has one
+        group per matrix shape. On CUDA: TF32 for fp32 matmuls (`enable_tf32`), fused AdamW, and Muon's update
+        compiled unless `compile_muon` is False (it is compiled only on CUDA by default).
         """
+        if device_type == "cuda":
+            enable_tf32()
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
         if muon_lr is None:
             groups = [
                 {"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": weight_decay},
                 {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0},
             ]
-            fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-            extra = {"fused": True} if fused else {"foreach": True}
+            extra = {"fused": True} if device_type == "cuda" else {"foreach": True}
             optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
         else:
-            hidden = [p for name, p in params.items() if p.dim() == 2 and name.startswith("transformer.h.")]
-            tables = [p for name, p in params.items() if p.dim() == 2 and not name.startswith("transformer.h.")]
+            by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
+            for name, p in params.items():
+                if p.dim() == 2 and name.startswith("transformer.h."):
+                    by_shape.setdefault(muon_matrix_shape(name, p), []).append(p)
+            hidden = {id(p) for group in by_shape.values() for p in group}
+            tables = [p for p in params.values() if p.dim() == 2 and id(p) not in hidden]
             vectors = [p for p in params.values() if p.dim() < 2]
             groups = [
-                {"params": hidden, "use_muon": True, "lr": muon_lr},
+                {"params": group, "use_muon": True, "lr": muon_lr, "matrix_shape": shape}
+                for shape, group in by_shape.items()
+            ]
+            groups += [
                 {"params": tables, "use_muon": False, "lr": learning_rate, "weight_decay": weight_decay},
                 {"params": vectors, "use_muon": False, "lr": learning_rate, "weight_decay": 0.0},
             ]
-            optimizer = Muon([g for g in groups if g["params"]], betas=betas)
+            compile_muon = device_type == "cuda" if compile_muon is None else compile_muon
+            backend = "inductor" if compile_muon else None
+            optimizer = Muon([g for g in groups if g["params"]], betas=betas, compile_backend=backend)
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
         return optimizer
