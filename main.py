@@ -61,7 +61,7 @@ from tqdm import tqdm
 import checkpoint as ckpt
 import data
 import tracking
-from model import ARCHS, GPT, GPTConfig
+from model import ARCHS, GPT, GPTConfig, enable_tf32
 from tokenizer import Tokenizer
 
 # Exit codes (README: "Exit codes"); 2 is argparse's own for a user's mistake.
@@ -223,7 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="autocast dtype; auto is bfloat16 on CUDA when supported, else float32",
     )
-    g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the model and Muon's update with torch.compile (default: on for CUDA, off on CPU and MPS)",
+    )
 
     g = p.add_argument_group("tracking")
     g.add_argument("--comment", default="", help="the hypothesis this run tests; also names the ClearML task")
@@ -423,7 +428,9 @@ def build_optimizer(model: GPT, args: argparse.Namespace, device: str, saved: di
     """The optimizer from the flags; a resumed run keeps its saved state but takes the flags' hyperparameters."""
     muon_lr = args.muon_lr if args.optimizer == "muon" else None
     betas = (args.beta1, args.beta2)
-    optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, betas, device, muon_lr=muon_lr)
+    optimizer = model.configure_optimizers(
+        args.weight_decay, args.learning_rate, betas, device, muon_lr=muon_lr, compile_muon=args.compile
+    )
     if saved is not None:
         settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         optimizer.load_state_dict(saved)
@@ -629,6 +636,10 @@ def run(argv: list[str], stop: StopFlag) -> int:
     check_memory(parser, model, args, device)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
+    if device == "cuda":
+        enable_tf32()
+    if args.compile is None:
+        args.compile = device == "cuda"
     if args.eval_only:
         try:
             evaluate_only(args, model, splits, device, autocast)
@@ -636,7 +647,11 @@ def run(argv: list[str], stop: StopFlag) -> int:
             say("interrupted while evaluating")
             return EXIT_ABORTED
         return 0
-    return train(args, checkpoint, model, splits, device, dtype, autocast, out_dir, stop)
+    try:
+        optimizer = build_optimizer(model, args, device, checkpoint["optimizer"] if checkpoint else None)
+    except ValueError as e:  # a checkpoint whose optimizer state has other groups (an older Muon layout)
+        parser.error(f"--resume {args.resume}: its optimizer state does not fit this program's optimizer ({e})")
+    return train(args, checkpoint, model, optimizer, splits, device, dtype, autocast, out_dir, stop)
 
 
 def tokenizer_from_text(text: str) -> Tokenizer:
@@ -646,11 +661,10 @@ def tokenizer_from_text(text: str) -> Tokenizer:
         return Tokenizer.load(path)
 
 
-def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Path, stop: StopFlag) -> int:
+def train(args, checkpoint, model, optimizer, splits, device, dtype, autocast, out_dir: Path, stop: StopFlag) -> int:
     tokenizer = splits.tokenizer
     tokenizer_path = out_dir / "tokenizer.json"
     tokenizer.save(tokenizer_path)
-    optimizer = build_optimizer(model, args, device, checkpoint["optimizer"] if checkpoint else None)
     batches = Batches(splits.train, args, device, checkpoint["rng"]["batches"] if checkpoint else None)
     step, best_val, best_train, saved_step = 0, float("inf"), float("inf"), None
     if checkpoint:
@@ -775,12 +789,15 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
                 synchronize(device)
                 clock = time.perf_counter()
             lr = set_learning_rate(optimizer, step, args)
+            compile_start = time.perf_counter() if clock is None else None
             pending.append(train_step(step_model, optimizer, scaler, batches, args, autocast))
             step += 1
             bar.update(1)
             if clock is None:  # the first step compiles and warms up: it is not timed
                 synchronize(device)
                 clock = time.perf_counter()
+                if args.compile:
+                    tqdm.write(f"compiling took {clock - compile_start:.1f} s (the first step; not timed)")
             else:
                 timed_steps += 1
             due = step % args.eval_interval == 0 or step % checkpoint_interval == 0 or step == args.max_steps
