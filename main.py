@@ -18,6 +18,7 @@ Design choices:
 
 import argparse
 import contextlib
+import inspect
 import math
 import os
 import signal
@@ -420,17 +421,41 @@ def evaluate_only(args: argparse.Namespace, model: GPT, splits: data.Splits, dev
     print(f"val_loss={loss:.6f} val_bpb={bits_per_byte(loss, total_tokens, splits.val_bytes):.6f}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    args, checkpoint = resolve_args(parser, argv)
-    device = pick_device(parser, args.device)
-    dtype, autocast = autocast_context(parser, device, args.dtype)
-    out_dir = None if args.eval_only else prepare_out_dir(parser, args)
-    torch.manual_seed(args.seed)
+def dataset_tag(data_flag: str) -> str:
+    """What the run is tagged with: `tinystories`, or the local file's name."""
+    return "tinystories" if data_flag == "tinystories" else Path(data_flag).name
 
-    tokenizer = tokenizer_from_text(checkpoint["tokenizer"]) if checkpoint else None
-    splits = load_data(parser, args, tokenizer)
+
+def flag_types(parser: argparse.ArgumentParser) -> dict[str, type]:
+    """The value type of every flag; the tracker records the flags left unset with it."""
+
+    def value_type(action: argparse.Action) -> type:
+        if isinstance(action.type, type):
+            return action.type
+        if action.type is not None:  # an in_range checker: it converts to its `kind`
+            return inspect.getclosurevars(action.type).nonlocals.get("kind", str)
+        return list if action.nargs in ("*", "+") else str
+
+    return {action.dest: value_type(action) for action in parser._actions}
+
+
+def start_tracking(parser: argparse.ArgumentParser, args: argparse.Namespace, checkpoint: dict | None):
+    tag = dataset_tag(args.data)
+    try:
+        return tracking.Tracker(
+            project=args.project,
+            task_name=args.task_name or args.comment or f"{tag} {datetime.now():%Y-%m-%d %H:%M}",
+            tags=[tag, *args.tags],
+            comment=args.comment,
+            offline=args.offline,
+            continue_task_id=checkpoint.get("task_id") if checkpoint else None,
+            samples=checkpoint.get("samples") if checkpoint else None,
+        )
+    except tracking.ConfigError as e:
+        parser.error(str(e))
+
+
+def build_model(args: argparse.Namespace, splits: data.Splits, checkpoint: dict | None, device: str) -> GPT:
     config = GPTConfig(
         vocab_size=splits.tokenizer.vocab_size,
         block_size=args.block_size,
@@ -444,13 +469,42 @@ def main(argv: list[str] | None = None) -> int:
     model = GPT(config).to(device)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, checkpoint = resolve_args(parser, argv)
+    device = pick_device(parser, args.device)
+    dtype, autocast = autocast_context(parser, device, args.dtype)
+    tokenizer = tokenizer_from_text(checkpoint["tokenizer"]) if checkpoint else None
     if args.eval_only:
-        evaluate_only(args, model, splits, device, autocast)
+        splits = load_data(parser, args, tokenizer)
+        evaluate_only(args, build_model(args, splits, checkpoint, device), splits, device, autocast)
         return 0
-    return train(args, checkpoint, model, splits, device, dtype, autocast, out_dir)
+
+    # The task first, so its console holds everything below; then the run goes on with the flags as the task holds
+    # them (edited in the web UI when clearml-agent runs it), checked again.
+    tracker = start_tracking(parser, args, checkpoint)
+    args = argparse.Namespace(**tracker.connect(vars(args), flag_types(parser)))
+    try:
+        device = pick_device(parser, args.device)
+        dtype, autocast = autocast_context(parser, device, args.dtype)
+        out_dir = prepare_out_dir(parser, args)
+        torch.manual_seed(args.seed)
+        splits = load_data(parser, args, tokenizer)
+        model = build_model(args, splits, checkpoint, device)
+    except SystemExit:  # a mistake found in the connected flags or the data, already explained on stderr
+        tracker.close("failed", "the flags or the data were refused before training")
+        raise
+    except KeyboardInterrupt:
+        tracker.close("aborted", "interrupted before training started")
+        raise
+    return train(args, checkpoint, model, splits, device, dtype, autocast, out_dir, tracker)
 
 
-def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Path) -> int:
+def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Path, tracker: tracking.Tracker) -> int:
     tokenizer = splits.tokenizer
     tokenizer_path = out_dir / "tokenizer.json"
     tokenizer.save(tokenizer_path)
@@ -469,16 +523,6 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
     step_model = torch.compile(model) if args.compile else model
     scaler = torch.amp.GradScaler(enabled=dtype == "float16")
 
-    task_name = args.task_name or args.comment or f"{splits.tag} {datetime.now():%Y-%m-%d %H:%M}"
-    tracker = tracking.Tracker(
-        project=args.project,
-        task_name=task_name,
-        tags=[splits.tag, *args.tags],
-        comment=args.comment,
-        flags=vars(args),
-        offline=args.offline,
-        continue_task_id=checkpoint.get("task_id") if checkpoint else None,
-    )
     print(
         f"{model.num_params() / 1e6:.2f}M parameters, {len(splits.train):,} training tokens, device {device}, "
         f"dtype {dtype}, run folder {out_dir}",
@@ -495,6 +539,7 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
             "best_val_loss": best_val,
             "tokenizer": tokenizer_path.read_text(encoding="utf-8"),
             "task_id": tracker.task_id,
+            "samples": tracker.samples,
             "rng": {
                 "batches": batch_generator.get_state(),
                 "torch": torch.get_rng_state(),
@@ -517,7 +562,7 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
         tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         sample = generate_sample(model, tokenizer, args, device, autocast)
         tqdm.write(f"--- Generated Sample (step {step}) ---\n{sample}\n---")
-        tracker.report_sample(sample, step)
+        tracker.report_sample(sample, step, losses["val"])
 
     stop = StopFlag()
     stop.install()
