@@ -472,34 +472,46 @@ def build_model(args: argparse.Namespace, splits: data.Splits, checkpoint: dict 
     return model
 
 
+def check_system(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, str, object, Path]:
+    """The flags about this machine and the data file, checked: device, dtype, autocast and the run folder."""
+    device = pick_device(parser, args.device)
+    dtype, autocast = autocast_context(parser, device, args.dtype)
+    if args.data != "tinystories":
+        try:
+            data.check_text_file(Path(args.data).expanduser().resolve())
+        except data.DataError as e:
+            parser.error(str(e))
+    out_dir = None if args.eval_only else prepare_out_dir(parser, args)
+    return device, dtype, autocast, out_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, checkpoint = resolve_args(parser, argv)
-    device = pick_device(parser, args.device)
-    dtype, autocast = autocast_context(parser, device, args.dtype)
+    device, dtype, autocast, out_dir = check_system(parser, args)
     tokenizer = tokenizer_from_text(checkpoint["tokenizer"]) if checkpoint else None
     if args.eval_only:
         splits = load_data(parser, args, tokenizer)
         evaluate_only(args, build_model(args, splits, checkpoint, device), splits, device, autocast)
         return 0
 
-    # The task first, so its console holds everything below; then the run goes on with the flags as the task holds
-    # them (edited in the web UI when clearml-agent runs it), checked again.
+    # The task starts once the flags are checked, so its console holds everything below; the run then goes on with
+    # the flags as the task holds them (under clearml-agent, as edited in the web UI), checked again if they changed.
     tracker = start_tracking(parser, args, checkpoint)
-    args = argparse.Namespace(**tracker.connect(vars(args), flag_types(parser)))
+    connected = argparse.Namespace(**tracker.connect(vars(args), flag_types(parser)))
     try:
-        device = pick_device(parser, args.device)
-        dtype, autocast = autocast_context(parser, device, args.dtype)
-        out_dir = prepare_out_dir(parser, args)
+        if connected != args:
+            args = connected
+            device, dtype, autocast, out_dir = check_system(parser, args)
         torch.manual_seed(args.seed)
         splits = load_data(parser, args, tokenizer)
         model = build_model(args, splits, checkpoint, device)
-    except SystemExit:  # a mistake found in the connected flags or the data, already explained on stderr
-        tracker.close("failed", "the flags or the data were refused before training")
+    except SystemExit:  # a mistake in the data or the edited flags, explained on stderr: its line stays the last
+        tracker.close("failed", "refused before training", quiet=True)
         raise
     except KeyboardInterrupt:
-        tracker.close("aborted", "interrupted before training started")
+        tracker.close("aborted", "interrupted before training started", quiet=True)
         raise
     return train(args, checkpoint, model, splits, device, dtype, autocast, out_dir, tracker)
 

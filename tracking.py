@@ -313,15 +313,16 @@ class Tracker:
             model.update_weights(weights_filename=str(path), iteration=step, auto_delete_file=False)
         self.task.upload_artifact("tokenizer", artifact_object=tokenizer_path, wait_on_upload=True)
 
-    def close(self, status: str, message: str = "") -> None:
-        """Close the task as "completed", "aborted" or "failed" and say where an offline session lies."""
+    def close(self, status: str, message: str = "", quiet: bool = False) -> None:
+        """Close the task as "completed", "aborted" or "failed" and, unless `quiet`, say where an offline session
+        lies."""
         if status != "completed":
             self.task.add_tags([status])
             if status == "aborted":
                 self.task.mark_stopped(force=True, status_message=message or None)
             else:
                 self.task.mark_failed(status_reason=message, status_message=message, force=True)
-        folder = self.task.get_offline_mode_folder() if self.offline else None
+        folder = self.task.get_offline_mode_folder() if self.offline and not quiet else None
         self.task.close()
         self.requirements.close()
         if folder:
