@@ -37,6 +37,7 @@ def runs(tmp_path_factory):
     assert first.returncode == 0, first.stderr[-2000:]
     resumed = project.run("--resume", "RUN", "--max_steps", "5")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    project.said = first.stdout + first.stderr + resumed.stdout + resumed.stderr
     return project, *project.sessions()
 
 
@@ -111,6 +112,13 @@ def test_task_starts_before_data_preparation(runs):
     _, first, _ = runs
     console = first.console()
     assert "training a 512-token BPE tokenizer" in console and "tokenizing stories.txt" in console
+
+
+def test_no_gpu_monitor_warnings_without_a_gpu(runs):
+    """ClearML's machine monitor probes the GPU; where none answers (a CPU-only machine) the probe is off, silently."""
+    project, first, resumed = runs
+    for text in (project.said, first.console(), resumed.console()):
+        assert "GPU stats" not in text and "GPU monitoring" not in text
 
 
 def test_unset_flags_are_typed_and_the_real_mode_is_recorded(runs):
