@@ -162,12 +162,12 @@ def imported_names(path: Path) -> set[str]:
 
 def runtime_requirements() -> list[str]:
     """`name==version` of each installed distribution that the program's loaded modules import."""
-    own = [
-        Path(m.__file__)
-        for m in list(sys.modules.values())
-        if Path(getattr(m, "__file__", None) or "/").parent == SOURCE_DIR
-    ]
-    names = set().union(*(imported_names(path) for path in own)) - {path.stem for path in SOURCE_DIR.glob("*.py")}
+    files = {
+        Path(module.__file__).resolve() for module in list(sys.modules.values()) if getattr(module, "__file__", None)
+    }
+    own = [path for path in files if path.parent == SOURCE_DIR and path.suffix == ".py" and path.is_file()]
+    names = set().union(*(imported_names(path) for path in own))
+    names -= {path.stem for path in SOURCE_DIR.glob("*.py")}  # the program's own modules
     providers = importlib.metadata.packages_distributions()
     found = {dist for name in names for dist in providers.get(name, [])}
     return sorted((f"{dist}=={importlib.metadata.version(dist)}" for dist in found), key=str.lower)
