@@ -42,6 +42,7 @@ if __name__ == "__main__":  # a signal while the imports below load: nothing to 
 import argparse
 import contextlib
 import errno
+import inspect
 import math
 import tempfile
 import time
@@ -591,37 +592,43 @@ def evaluate_only(args: argparse.Namespace, model: GPT, splits: data.Splits, dev
     print(f"val_loss={loss:.6f} val_bpb={bpb:.6f}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    stop = StopFlag()
-    stop.install()
+def dataset_tag(data_flag: str) -> str:
+    """What the run is tagged with: `tinystories`, or the local file's name."""
+    return "tinystories" if data_flag == "tinystories" else Path(data_flag).name
+
+
+def flag_types(parser: argparse.ArgumentParser) -> dict[str, type]:
+    """The value type of every flag; the tracker records the flags left unset with it."""
+
+    def value_type(action: argparse.Action) -> type:
+        if isinstance(action.type, type):
+            return action.type
+        if action.type is not None:  # an in_range checker: it converts to its `kind`
+            return inspect.getclosurevars(action.type).nonlocals.get("kind", str)
+        return list if action.nargs in ("*", "+") else str
+
+    return {action.dest: value_type(action) for action in parser._actions}
+
+
+def start_tracking(parser: argparse.ArgumentParser, args: argparse.Namespace, checkpoint: dict | None):
+    tag = dataset_tag(args.data)
     try:
-        return run(sys.argv[1:] if argv is None else argv, stop)
-    except KeyboardInterrupt:
-        say("interrupted before training started; nothing to save")
-        return EXIT_ABORTED
+        return tracking.Tracker(
+            project=args.project,
+            task_name=args.task_name or args.comment or f"{tag} {datetime.now():%Y-%m-%d %H:%M}",
+            tags=[tag, *args.tags],
+            comment=args.comment,
+            offline=args.offline,
+            continue_task_id=checkpoint.get("task_id") if checkpoint else None,
+            samples=checkpoint.get("samples") if checkpoint else None,
+        )
+    except tracking.ConfigError as e:
+        parser.error(str(e))
 
 
-def run(argv: list[str], stop: StopFlag) -> int:
-    parser = build_parser()
-    args, checkpoint = resolve_args(parser, argv)
-    device = pick_device(parser, args.device)
-    dtype, autocast = autocast_context(parser, device, args.dtype)
-    out_dir = None
-    if not args.eval_only:
-        try:
-            out_dir, _lock = ckpt.claim(args.out_dir, resuming=checkpoint is not None, overwrite=args.overwrite)
-        except ckpt.RunFolderError as e:
-            parser.error(str(e))
-        args.out_dir = str(out_dir)
-    torch.manual_seed(args.seed)
-
-    try:
-        tokenizer = tokenizer_from_text(checkpoint["tokenizer"]) if checkpoint else None
-        splits = load_data(parser, args, tokenizer)
-    except KeyboardInterrupt:
-        say("interrupted while preparing data; nothing to save")
-        return EXIT_ABORTED
-    args.vocab_size = splits.tokenizer.vocab_size  # fewer where the text allows fewer merges (data.py says so)
+def build_model(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, splits: data.Splits, checkpoint: dict | None, device: str
+) -> GPT:
     config = GPTConfig(
         vocab_size=splits.tokenizer.vocab_size,
         block_size=args.block_size,
@@ -636,22 +643,84 @@ def run(argv: list[str], stop: StopFlag) -> int:
     check_memory(parser, model, args, device)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
+    return model
+
+
+def check_system(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, str, object]:
+    """The flags about this machine and the data file, checked: device, dtype and autocast."""
+    device = pick_device(parser, args.device)
+    dtype, autocast = autocast_context(parser, device, args.dtype)
+    if args.data != "tinystories":
+        try:
+            data.check_text_file(Path(args.data).expanduser().resolve())
+        except data.DataError as e:
+            parser.error(str(e))
     if device == "cuda":
         enable_tf32()
     if args.compile is None:
         args.compile = device == "cuda"
-    if args.eval_only:
-        try:
-            evaluate_only(args, model, splits, device, autocast)
-        except KeyboardInterrupt:
-            say("interrupted while evaluating")
-            return EXIT_ABORTED
-        return 0
+    return device, dtype, autocast
+
+
+def claim_run_folder(parser: argparse.ArgumentParser, args: argparse.Namespace, resuming: bool):
+    """The run folder, locked for this run (the lock is held while the returned file stays open)."""
     try:
-        optimizer = build_optimizer(model, args, device, checkpoint["optimizer"] if checkpoint else None)
-    except ValueError as e:  # a checkpoint whose optimizer state has other groups (an older Muon layout)
-        parser.error(f"--resume {args.resume}: its optimizer state does not fit this program's optimizer ({e})")
-    return train(args, checkpoint, model, optimizer, splits, device, dtype, autocast, out_dir, stop)
+        out_dir, lock = ckpt.claim(args.out_dir, resuming=resuming, overwrite=args.overwrite)
+    except ckpt.RunFolderError as e:
+        parser.error(str(e))
+    args.out_dir = str(out_dir)
+    return out_dir, lock
+
+
+def main(argv: list[str] | None = None) -> int:
+    stop = StopFlag()
+    stop.install()
+    try:
+        return run(sys.argv[1:] if argv is None else argv, stop)
+    except KeyboardInterrupt:
+        say("interrupted before training started; nothing to save")
+        return EXIT_ABORTED
+
+
+def run(argv: list[str], stop: StopFlag) -> int:
+    parser = build_parser()
+    args, checkpoint = resolve_args(parser, argv)
+    device, dtype, autocast = check_system(parser, args)
+    tokenizer = tokenizer_from_text(checkpoint["tokenizer"]) if checkpoint else None
+    if args.eval_only:
+        splits = load_data(parser, args, tokenizer)
+        evaluate_only(args, build_model(parser, args, splits, checkpoint, device), splits, device, autocast)
+        return 0
+    out_dir, lock = claim_run_folder(parser, args, resuming=checkpoint is not None)
+
+    # The task starts once the flags are checked, so its console holds everything below; the run then goes on with
+    # the flags as the task holds them (under clearml-agent, as edited in the web UI), checked again if they changed.
+    tracker = start_tracking(parser, args, checkpoint)
+    connected = argparse.Namespace(**tracker.connect(vars(args), flag_types(parser)))
+    try:
+        if connected != args:
+            if connected.out_dir != args.out_dir:
+                lock.close()
+                out_dir, lock = claim_run_folder(parser, connected, resuming=checkpoint is not None)
+            args = connected
+            device, dtype, autocast = check_system(parser, args)
+        torch.manual_seed(args.seed)
+        splits = load_data(parser, args, tokenizer)
+        if splits.tokenizer.vocab_size != args.vocab_size:  # the text allows fewer merges (data.py says so)
+            args.vocab_size = splits.tokenizer.vocab_size
+            tracker.update_flags({"vocab_size": args.vocab_size})
+        model = build_model(parser, args, splits, checkpoint, device)
+        try:
+            optimizer = build_optimizer(model, args, device, checkpoint["optimizer"] if checkpoint else None)
+        except ValueError as e:  # a checkpoint whose optimizer state has other groups (an older Muon layout)
+            parser.error(f"--resume {args.resume}: its optimizer state does not fit this program's optimizer ({e})")
+    except SystemExit:  # a mistake in the data or the edited flags, explained on stderr: its line stays the last
+        tracker.close("failed", "refused before training", quiet=True)
+        raise
+    except KeyboardInterrupt:
+        tracker.close("aborted", "interrupted before training started", quiet=True)
+        raise
+    return train(args, checkpoint, model, optimizer, splits, device, dtype, autocast, out_dir, tracker, stop)
 
 
 def tokenizer_from_text(text: str) -> Tokenizer:
@@ -661,7 +730,9 @@ def tokenizer_from_text(text: str) -> Tokenizer:
         return Tokenizer.load(path)
 
 
-def train(args, checkpoint, model, optimizer, splits, device, dtype, autocast, out_dir: Path, stop: StopFlag) -> int:
+def train(
+    args, checkpoint, model, optimizer, splits, device, dtype, autocast, out_dir: Path, tracker, stop: StopFlag
+) -> int:
     tokenizer = splits.tokenizer
     tokenizer_path = out_dir / "tokenizer.json"
     tokenizer.save(tokenizer_path)
@@ -676,16 +747,6 @@ def train(args, checkpoint, model, optimizer, splits, device, dtype, autocast, o
     scaler = torch.amp.GradScaler(enabled=dtype == "float16")
     val_text_tokens, val_text_bytes = text_only(splits.val, splits.val_bytes, tokenizer)
 
-    task_name = args.task_name or args.comment or f"{splits.tag} {datetime.now():%Y-%m-%d %H:%M}"
-    tracker = tracking.Tracker(
-        project=args.project,
-        task_name=task_name,
-        tags=[splits.tag, *args.tags],
-        comment=args.comment,
-        flags=vars(args),
-        offline=args.offline,
-        continue_task_id=checkpoint.get("task_id") if checkpoint else None,
-    )
     print(
         f"{model.num_params() / 1e6:.2f}M parameters, {len(splits.train):,} training tokens, device {device}, "
         f"dtype {dtype}, run folder {out_dir}",
@@ -702,6 +763,7 @@ def train(args, checkpoint, model, optimizer, splits, device, dtype, autocast, o
             "best_val_loss": best_val,
             "tokenizer": tokenizer_path.read_text(encoding="utf-8"),
             "task_id": tracker.task_id,
+            "samples": tracker.samples,
             "rng": {
                 "batches": batches.state,
                 "torch": torch.get_rng_state(),
@@ -729,9 +791,9 @@ def train(args, checkpoint, model, optimizer, splits, device, dtype, autocast, o
             tracker.report_scalar("BPB", "val", bpb, step)
             best_val = min(best_val, losses["val"])
             tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            sample = generate_sample(model, tokenizer, args, device, autocast)
+            sample = tracking.clean_sample(generate_sample(model, tokenizer, args, device, autocast))
             tqdm.write(f"--- Generated Sample (step {step}) ---\n{sample}\n---")
-            tracker.report_sample(sample, step)
+            tracker.report_sample(sample, step, losses["val"])
 
     def fix_steps_from_budget(eval_seconds: float) -> None:
         """Time a few steps, undo them, and turn --max_seconds into --max_steps (recorded), so the run reproduces."""
@@ -898,4 +960,7 @@ def peak_flops(device: str) -> float | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: a late signal changes nothing now
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)

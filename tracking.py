@@ -2,13 +2,29 @@
 Experiment tracking in ClearML: the only file that imports clearml.
 
 Design choices:
-- One Task per run in project `gpt-from-scratch`, named by the hypothesis (the comment), tagged by dataset.
-  ClearML captures the git commit and the uncommitted diff itself. The flags are connected explicitly as
-  Hyperparameters → Args, after a resumed run has merged its saved flags with the new ones, so the UI shows the
-  values the run really used.
-- No server configured → ClearML's own offline mode; the session folder can be imported into a server later.
-  A configured server that does not answer within a few seconds → offline too, with one warning: training never
-  waits on tracking.
+- One Task per run in project `gpt-from-scratch`, named by the hypothesis (the comment), tagged by dataset, created
+  first, right after the flags are checked: everything the run prints, data preparation included, is in the task's
+  console. ClearML captures the git commit and the uncommitted diff itself.
+- The flags are connected as Hyperparameters → Args and the run goes on with the values the task holds: under
+  clearml-agent, those edited in the web UI. A flag left unset is recorded empty with its type, so a value typed
+  into the web UI comes back as a number, not a string. `offline` records how the run is really tracked.
+- A server is used only when it works: an authenticated `auth.login` answered within SERVER_TIMEOUT_S in all. Any
+  less (no answer, a proxy's 502, a 500, rejected credentials) → ClearML's offline mode with one warning naming the
+  problem: training never waits on tracking. A clearml.conf that does not parse is the user's to fix (ConfigError,
+  naming the file and line); with --offline the run goes on without it.
+- Resume continues the same task at the steps the run reports. ClearML's `continue_last_task=<id>` would add the
+  task's last iteration + 1 to every report (step 90 of a run resumed at 80 lands at 171); `reuse_last_task_id=<id>`
+  with `continue_last_task=0` continues with no offset. Offline, a resumed run writes a new session, also at the
+  true steps: `Task.import_offline_session(zip, previous_task_id=...)` joins it to the first with no offset.
+- Generated samples go to Plots as one table, `Generated Sample`, holding every evaluation so far (Compare → Plots
+  shows each run's last table in full, side by side), and to Debug samples as one .txt per evaluation. ClearML names
+  a debug sample's file by title, series and a per-process counter (modulo metrics.file_history_size), so with one
+  series a resumed run would write over the first run's files; the series is the step, which no other evaluation
+  of the run has. Samples are cleaned for display (clean_sample).
+- Requirements are the installed versions of what the program's own modules import, not ClearML's scan of the whole
+  repository (which lists test-only packages and misses what only the modules it did not scan import).
+- ClearML's machine monitor keeps CPU and memory; its GPU probe is off where no GPU answers it, instead of two
+  warnings on every CPU-only run.
 - Reporting runs in a thread, not ClearML's forked subprocess: the fork can inherit the pipe of the `git`
   subprocess that the repository-detection thread is reading, which then never sees EOF and stalls `close()` for
   minutes, leaving the task without commit and diff. The class attribute is set before `Task.init`, so it holds
@@ -18,32 +34,143 @@ Design choices:
 - Offline sessions are marked completed when imported, so an aborted or failed run also gets a tag saying so.
 """
 
+import ast
+import importlib.metadata
 import io
 import os
+import re
 import subprocess
 import sys
+import tempfile
+import threading
+import unicodedata
 from pathlib import Path
 
 import requests
 from clearml import OutputModel, Task
 from clearml.backend_api import Session
-from clearml.config import config_obj
+from clearml.backend_api.session.defs import ENV_ACCESS_KEY, ENV_SECRET_KEY
+from clearml.backend_config.defs import LOCAL_CONFIG_FILE_OVERRIDE_VAR, LOCAL_CONFIG_FILES
+from clearml.config import config_obj, running_remotely
+from clearml.utilities.pyhocon import ConfigFactory
+from clearml.utilities.resource_monitor import ResourceMonitor
 
 SERVER_TIMEOUT_S = 3.0
+SAMPLE_TITLE = "Generated Sample"
+SAMPLE_TABLE_ROWS = 500  # the table is sent whole at each evaluation; the latest rows are the ones worth the bytes
+SOURCE_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(Exception):
+    """A ClearML configuration file that does not parse."""
+
+
+def config_files() -> list[Path]:
+    """The files ClearML reads its configuration from: CLEARML_CONFIG_FILE, else ~/trains.conf and ~/clearml.conf."""
+    override = LOCAL_CONFIG_FILE_OVERRIDE_VAR.get()
+    return [
+        Path(os.path.expanduser(os.path.expandvars(name))) for name in ([override] if override else LOCAL_CONFIG_FILES)
+    ]
+
+
+def config_problem() -> str | None:
+    """'<file> line <n>: <what>' for the first ClearML configuration file that does not parse, else None."""
+    for path in config_files():
+        if not path.is_file():
+            continue
+        try:
+            ConfigFactory.parse_file(str(path))
+        except Exception as e:  # pyparsing's errors, a bad include or substitution, an unreadable file
+            line = getattr(e, "lineno", None)
+            return f"{path}{f' line {line}' if line else ''}: {getattr(e, 'msg', None) or e}"
+    return None
 
 
 def configured_server() -> str | None:
     """The API server URL when ClearML credentials are configured (environment or clearml.conf), else None."""
-    access_key = os.environ.get("CLEARML_API_ACCESS_KEY") or config_obj.get("api.credentials.access_key", None)
-    return Session.get_api_server_host() if access_key else None
+    return Session.get_api_server_host() if credentials()[0] else None
 
 
-def server_answers(url: str) -> bool:
+def credentials() -> tuple[str | None, str | None]:
+    return (
+        ENV_ACCESS_KEY.get() or config_obj.get("api.credentials.access_key", None),
+        ENV_SECRET_KEY.get() or config_obj.get("api.credentials.secret_key", None),
+    )
+
+
+def server_problem(url: str, access_key: str, secret_key: str | None) -> str | None:
+    """Why the ClearML API at `url` cannot be used, or None when it logs in with these credentials.
+
+    The call runs in a daemon thread joined for SERVER_TIMEOUT_S, so nothing (name lookup, a server that trickles
+    its answer) makes the run wait longer; a thread still waiting is left behind.
+    """
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(login_problem(url, access_key, secret_key)), daemon=True)
+    thread.start()
+    thread.join(SERVER_TIMEOUT_S)
+    return outcome[0] if outcome else f"does not answer within {SERVER_TIMEOUT_S:g} s"
+
+
+def login_problem(url: str, access_key: str, secret_key: str | None) -> str | None:
     try:
-        requests.get(f"{url.rstrip('/')}/debug.ping", timeout=SERVER_TIMEOUT_S)
-        return True
-    except requests.RequestException:
-        return False
+        response = requests.get(
+            f"{url.rstrip('/')}/auth.login", auth=(access_key, secret_key or ""), timeout=SERVER_TIMEOUT_S
+        )
+    except requests.Timeout:
+        return f"does not answer within {SERVER_TIMEOUT_S:g} s"
+    except requests.RequestException as e:
+        reasons = re.findall(r"\[Errno -?\d+\] ([^'\")]+)", str(e))
+        return f"does not answer ({reasons[-1].strip() if reasons else type(e).__name__})"
+    if response.status_code in (401, 403):
+        return f"rejects the credentials (HTTP {response.status_code} to auth.login)"
+    if response.status_code != 200:
+        return f"answers HTTP {response.status_code} to auth.login"
+    try:
+        response.json()["data"]["token"]
+    except (ValueError, KeyError, TypeError):
+        return "is not a ClearML API server (its auth.login gives no token)"
+    return None
+
+
+def continue_arguments(task_id: str | None) -> dict:
+    """`Task.init` arguments that continue task `task_id` at the steps the run reports, or start a new task.
+
+    `continue_last_task=0` also keeps a task run by clearml-agent at its true steps: there ClearML would otherwise
+    offset by the task's last iteration.
+    """
+    return dict(reuse_last_task_id=task_id or False, continue_last_task=0)
+
+
+def clean_sample(text: str) -> str:
+    """Generated text as it is shown: line breaks as \\n, no other control character but tab, and no trailing
+    U+FFFD left by a multi-byte character that the last generated token cut in two."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = "".join(c for c in text if c in "\n\t" or unicodedata.category(c) != "Cc")
+    return text.rstrip("\ufffd")
+
+
+def imported_names(path: Path) -> set[str]:
+    """Top-level names of the modules a Python file imports, wherever the import statement is."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def runtime_requirements() -> list[str]:
+    """`name==version` of each installed distribution that the program's loaded modules import."""
+    files = {
+        Path(module.__file__).resolve() for module in list(sys.modules.values()) if getattr(module, "__file__", None)
+    }
+    own = [path for path in files if path.parent == SOURCE_DIR and path.suffix == ".py" and path.is_file()]
+    names = set().union(*(imported_names(path) for path in own))
+    names -= {path.stem for path in SOURCE_DIR.glob("*.py")}  # the program's own modules
+    providers = importlib.metadata.packages_distributions()
+    found = {dist for name in names for dist in providers.get(name, [])}
+    return sorted((f"{dist}=={importlib.metadata.version(dist)}" for dist in found), key=str.lower)
 
 
 def git_repository(path: Path) -> bool:
@@ -60,6 +187,19 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class MachineMonitor(ResourceMonitor):
+    """ClearML's CPU and memory monitor, with the GPU probe off where no GPU answers it (on a CPU-only machine
+    ClearML logs `Could not fetch GPU stats` and `GPU monitoring failed` in every run)."""
+
+    def __init__(self, task, **kwargs):
+        super().__init__(task, **kwargs)
+        try:
+            if self._gpustat:
+                self._gpustat.new_query()
+        except Exception:  # no NVIDIA library, no driver, no device: all mean there is nothing to monitor
+            self._gpustat = None
+
+
 class Tracker:
     """A ClearML Task and the few things a training run reports to it."""
 
@@ -69,42 +209,61 @@ class Tracker:
         task_name: str,
         tags: list[str],
         comment: str,
-        flags: dict,
         offline: bool,
         continue_task_id: str | None = None,
+        samples: list[list] | None = None,
     ):
+        """Start the task (raises ConfigError for a clearml.conf that does not parse, unless `offline`).
+
+        `continue_task_id`: the task of the run being resumed; `samples`: the rows of its samples table so far.
+        """
+        notes = []
+        problem = config_problem()
+        if problem and not offline:
+            raise ConfigError(f"ClearML configuration {problem}; fix it, or run with --offline to go on without it")
+        if problem:
+            notes.append(f"warning: ClearML configuration {problem}; this --offline run goes on without it")
+            LOCAL_CONFIG_FILE_OVERRIDE_VAR.set(os.devnull)  # ClearML reads no file then, only its defaults
         server = None if offline else configured_server()
-        if server and not server_answers(server):
-            say(f"warning: ClearML server {server} does not answer; this run is tracked offline instead.")
+        problem = server and server_problem(server, *credentials())
+        if problem:
+            notes.append(f"warning: ClearML server {server} {problem}; this run is tracked offline instead.")
             server = None
         self.offline = server is None
         if self.offline:
             Task.set_offline(True)
-            if continue_task_id:
-                say(
-                    "note: offline runs cannot continue a ClearML task; this resumed run writes a new offline "
-                    "session. To join the curves, import it with Task.import_offline_session(zip, "
-                    f"previous_task_id=<server id of {continue_task_id}>)."
-                )
-                continue_task_id = None
-        source_dir = Path(sys.argv[0]).resolve().parent
-        if not git_repository(source_dir):
-            say(f"note: {source_dir} is not a git repository, so ClearML records no commit and no diff for this run.")
+        if continue_task_id and (self.offline or continue_task_id.startswith("offline-")):
+            notes.append(
+                f"note: this resumed run writes a new {'offline session' if self.offline else 'task'}, at the same "
+                "steps as the first; to join the curves, import the offline session with "
+                f"Task.import_offline_session(zip, previous_task_id=<server id of {continue_task_id}>)."
+            )
+            continue_task_id = None
+        if not git_repository(SOURCE_DIR):
+            notes.append(f"note: {SOURCE_DIR} is not a git repository, so ClearML records no commit and no diff.")
+        for note in notes:
+            say(note)
+        self.requirements = tempfile.NamedTemporaryFile("w", prefix="requirements-", suffix=".txt")
+        self.requirements.write("\n".join(runtime_requirements()) + "\n")
+        self.requirements.flush()  # ClearML reads it in its repository-detection thread, before close()
+        Task.force_requirements_env_freeze(requirements_file=self.requirements.name)
         Task._report_subprocess_enabled = False  # see the module docstring
         Task.set_random_seed(None)  # ClearML would reseed torch at init; the run's own --seed decides
         self.task = Task.init(
             project_name=project,
             task_name=task_name,
             tags=tags,
-            reuse_last_task_id=False,
-            continue_last_task=continue_task_id or False,
             auto_connect_frameworks=False,
             auto_connect_arg_parser=False,
+            auto_resource_monitoring=MachineMonitor,
+            **continue_arguments(continue_task_id),
         )
-        self.task.connect(flags, name="Args")
         if comment:
             self.task.set_comment(comment)
         self.logger = self.task.get_logger()
+        for note in notes:  # printed before the task started: the console has them too
+            self.logger.report_text(note, print_console=False)
+        self.samples = list(samples or [])
 
     @property
     def task_id(self) -> str:
@@ -115,13 +274,39 @@ class Tracker:
         for name, value in changed.items():
             self.task.set_parameter(f"Args/{name}", value)
 
+    def connect(self, flags: dict, types: dict[str, type]) -> dict:
+        """Record `flags` as Hyperparameters → Args; return the values the run goes on with.
+
+        Run by clearml-agent, those are the task's (edited in the web UI), cast to each flag's type; `types` gives
+        the type of the flags left unset (None), recorded empty. `offline` is recorded as the mode the run is
+        really tracked in; the value returned is the one asked for, so a resumed run decides again.
+        """
+        recorded = {**flags, "offline": self.offline} if "offline" in flags else dict(flags)
+        values = dict(self.task.connect(recorded, name="Args"))
+        if not running_remotely():
+            for name, value in flags.items():
+                if value is None and name in types:
+                    self.task.set_parameter(f"Args/{name}", "", value_type=types[name].__name__)
+        if "offline" in flags:
+            values["offline"] = flags["offline"]
+        return values
+
     def report_scalar(self, title: str, series: str, value: float, step: int) -> None:
         self.logger.report_scalar(title, series, value=value, iteration=step)
 
-    def report_sample(self, text: str, step: int) -> None:
-        """The generated text as a .txt debug sample titled `Generated Sample` (the console log has it too)."""
+    def report_sample(self, text: str, step: int, val_loss: float) -> None:
+        """The sample, cleaned, as a new row of the `Generated Sample` table in Plots and as a .txt debug sample."""
+        text = clean_sample(text)
+        self.samples.append([step, f"{val_loss:.4f}", text])
+        self.logger.report_table(
+            SAMPLE_TITLE,
+            "stories",
+            iteration=step,
+            table_plot=[["step", "Loss/val", "sample"], *self.samples[-SAMPLE_TABLE_ROWS:]],
+            extra_data={"columnwidth": [1, 1, 12]},
+        )
         self.logger.report_media(
-            "Generated Sample", "sample", iteration=step, stream=io.StringIO(text), file_extension=".txt"
+            SAMPLE_TITLE, f"step {step}", iteration=step, stream=io.StringIO(text), file_extension=".txt"
         )
 
     def register_checkpoint(self, path: Path, tokenizer_path: Path, step: int) -> None:
@@ -133,16 +318,18 @@ class Tracker:
             model.update_weights(weights_filename=str(path), iteration=step, auto_delete_file=False)
         self.task.upload_artifact("tokenizer", artifact_object=tokenizer_path, wait_on_upload=True)
 
-    def close(self, status: str, message: str = "") -> None:
-        """Close the task as "completed", "aborted" or "failed" and say where an offline session lies."""
+    def close(self, status: str, message: str = "", quiet: bool = False) -> None:
+        """Close the task as "completed", "aborted" or "failed" and, unless `quiet`, say where an offline session
+        lies."""
         if status != "completed":
             self.task.add_tags([status])
             if status == "aborted":
                 self.task.mark_stopped(force=True, status_message=message or None)
             else:
                 self.task.mark_failed(status_reason=message, status_message=message, force=True)
-        folder = self.task.get_offline_mode_folder() if self.offline else None
+        folder = self.task.get_offline_mode_folder() if self.offline and not quiet else None
         self.task.close()
+        self.requirements.close()
         if folder:
             say(
                 f"ClearML offline session: {folder}.zip\n"

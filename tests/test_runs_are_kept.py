@@ -184,7 +184,7 @@ def test_sigterm_while_preparing_data_is_exit_130_and_one_line(project):
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130
-    assert "Traceback" not in stderr and "interrupted while preparing data" in stderr
+    assert "Traceback" not in stderr and "interrupted before training started" in stderr
 
 
 @pytest.mark.parametrize("typed", [["--lr", "100"], ["--drop", "0.3"]])

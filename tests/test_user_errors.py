@@ -24,6 +24,8 @@ def user_error(capsys, *argv: str) -> str:
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT_FROM_SCRATCH_CACHE", str(tmp_path / "cache"))
+    # A run refused once its ClearML task has started (data too small) writes its offline session under HOME.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
 @pytest.fixture
