@@ -35,6 +35,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch
 from tqdm import tqdm
 
+import compare
 import data
 import tracking
 from model import ARCHS, GPT, GPTConfig
@@ -166,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_tokens", type=in_range(int, 0), default=100, help="tokens generated per sample")
     g.add_argument("--temperature", type=in_range(float, 0), default=0.8, help="sampling temperature; 0 is greedy")
     g.add_argument("--top_k", type=in_range(int, 1), default=50, help="sample only from the k likeliest tokens")
+    g.add_argument(
+        "--baseline",
+        default=None,
+        metavar="RUN",
+        help="a run folder or ClearML offline session on the same data: stop this run when clearly worse",
+    )
+    g.add_argument(
+        "--abort_after",
+        type=in_range(float, 0, 1),
+        default=0.2,
+        help="with --baseline: fraction of max_steps before a run may be stopped",
+    )
+    g.add_argument(
+        "--abort_margin",
+        type=in_range(float, 0),
+        default=0.03,
+        help="with --baseline: stop when Loss/val is this much worse (relative) at two evaluations in a row",
+    )
 
     g = p.add_argument_group("system")
     g.add_argument(
@@ -431,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = tokenizer_from_text(checkpoint["tokenizer"]) if checkpoint else None
     splits = load_data(parser, args, tokenizer)
+    try:
+        early_abort = compare.EarlyAbort.against(args, splits.tag, splits.tokenizer.fingerprint)
+    except compare.CompareError as e:
+        parser.error(f"--baseline {args.baseline}: {e}")
     config = GPTConfig(
         vocab_size=splits.tokenizer.vocab_size,
         block_size=args.block_size,
@@ -447,10 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_only:
         evaluate_only(args, model, splits, device, autocast)
         return 0
-    return train(args, checkpoint, model, splits, device, dtype, autocast, out_dir)
+    return train(args, checkpoint, model, splits, device, dtype, autocast, out_dir, early_abort)
 
 
-def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Path) -> int:
+def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Path, early_abort=None) -> int:
     tokenizer = splits.tokenizer
     tokenizer_path = out_dir / "tokenizer.json"
     tokenizer.save(tokenizer_path)
@@ -479,6 +502,9 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
         offline=args.offline,
         continue_task_id=checkpoint.get("task_id") if checkpoint else None,
     )
+    record = tracking.RunRecord(out_dir)
+    record.start(tracker, vars(args), splits.tag, tokenizer.fingerprint, tokenizer.vocab_size, step, bool(checkpoint))
+    abort_reason = None
     print(
         f"{model.num_params() / 1e6:.2f}M parameters, {len(splits.train):,} training tokens, device {device}, "
         f"dtype {dtype}, run folder {out_dir}",
@@ -507,17 +533,23 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
         save_checkpoint(path, checkpoint_state())
         return path
 
-    def evaluate() -> None:
-        nonlocal best_val
+    def evaluate(final: bool = False) -> None:
+        nonlocal best_val, abort_reason
         losses = estimate_loss(step_model, splits, args, device, autocast)
+        bpb = bits_per_byte(losses["val"], len(splits.val), splits.val_bytes)
         tracker.report_scalar("Loss", "train", losses["train"], step)
         tracker.report_scalar("Loss", "val", losses["val"], step)
-        tracker.report_scalar("BPB", "val", bits_per_byte(losses["val"], len(splits.val), splits.val_bytes), step)
+        tracker.report_scalar("BPB", "val", bpb, step)
         best_val = min(best_val, losses["val"])
         tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         sample = generate_sample(model, tokenizer, args, device, autocast)
         tqdm.write(f"--- Generated Sample (step {step}) ---\n{sample}\n---")
         tracker.report_sample(sample, step)
+        lr_now = learning_rate(step, step / (args.lr_decay_steps or args.max_steps), args)
+        record.evaluation(step, step * tokens_per_step, losses["train"], losses["val"], bpb, lr_now, sample)
+        if early_abort and not final and not abort_reason and (abort_reason := early_abort.check(step, losses["val"])):
+            tracker.task.add_tags([compare.WORSE_THAN_BASELINE])
+            stop.requested = True  # stop as Ctrl+C would: after this step, checkpoint kept, status aborted
 
     stop = StopFlag()
     stop.install()
@@ -579,7 +611,7 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
             break
         best_train = min(best_train, train_loss)
         if stop.requested:
-            status, exit_code, message = "aborted", EXIT_ABORTED, f"interrupted at step {step}"
+            status, exit_code, message = "aborted", EXIT_ABORTED, abort_reason or f"interrupted at step {step}"
             break
     bar.close()
 
@@ -587,7 +619,7 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
         print(message, file=sys.stderr)
     else:
         if status == "completed":
-            evaluate()
+            evaluate(final=True)
         path = save()
         tracker.register_checkpoint(path, tokenizer_path, step)
         if status == "aborted":
@@ -595,6 +627,7 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
                 f"{message}; checkpoint saved to {path}\n  continue with: python main.py --resume {out_dir}",
                 file=sys.stderr,
             )
+    record.status(status, message, step)
     tracker.close(status, message)
     return exit_code
 
