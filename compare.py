@@ -31,6 +31,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ PLACE_FLAGS = {"out_dir", "resume", "cache_dir", "comment", "task_name", "baseli
 MAX_SAMPLE_STEPS = 100
 SAME = 5e-4  # relative differences below this are reported as equal
 CELL_WIDTH = 40
+SAMPLE_FIELD = ', "sample": '  # tracking.RunRecord writes an evaluation's sample as its last field
 
 
 class CompareError(Exception):
@@ -69,7 +71,7 @@ class Run:
     clearml: str = ""  # where the run is in ClearML: offline session or web page
     wall_time: float = 0.0
     evals: dict = field(default_factory=dict)  # "step", "tokens", "elapsed", "lr" and CURVES -> arrays, by step
-    samples: list = field(default_factory=list)  # one per evaluation, aligned with evals["step"]
+    samples: list = field(default_factory=list)  # per evaluation (as evals["step"]), the JSON text holding its sample
 
     @property
     def steps(self) -> np.ndarray:
@@ -100,12 +102,52 @@ def read_json_lines(text: str, where: str) -> list:
     return values
 
 
-def evals_by_step(rows: list[dict], samples: list[str]) -> tuple[dict, list[str]]:
-    """Columns of arrays sorted by step; a step evaluated twice (resumed from an older checkpoint) keeps the last."""
-    keys = ("step", "tokens", "elapsed", "lr", *CURVES)
+RECORD_FIELDS = {"step": "step", "tokens": "tokens", "elapsed": "elapsed", "lr": "lr", "Loss/train": "loss_train",
+                 "Loss/val": "loss_val", "BPB": "bpb"}  # fmt: skip
+
+
+def record_events(text: str, where: str) -> list[tuple[dict, str]]:
+    """The events of metrics.jsonl, each with its line. An evaluation's sample, its last field and most of its bytes,
+    is cut off before parsing and decoded only where shown (decode_sample); the rest of the file is parsed in one
+    json.loads call. Both make reading long runs several times faster (bench/bench_compare.py)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and SAMPLE_FIELD in lines[-1] and not lines[-1].endswith('"}'):
+        lines.pop()  # torn in the middle of its sample by a kill
+    heads = []
+    for line in lines:
+        cut = line.find(SAMPLE_FIELD)  # cannot match inside a JSON string, where quotes are escaped
+        heads.append(line if cut < 0 else line[:cut] + "}")
+    try:
+        events = json.loads("[" + ",".join(heads) + "]")
+    except ValueError:  # a torn or broken line: parse line by line to find it
+        events = [None] * len(heads)
+        for i, head in enumerate(heads):
+            try:
+                events[i] = json.loads(head)
+            except ValueError:
+                if i < len(heads) - 1:
+                    warn(f"{where}: line {i + 1} is not JSON; skipped")
+    return [(e, line) for e, line in zip(events, lines, strict=True) if isinstance(e, dict)]
+
+
+def decode_sample(raw: str) -> str:
+    """The sample in a JSON line holding one (a record's line, or {"sample": ...})."""
+    try:
+        return json.loads(raw).get("sample", "")
+    except (ValueError, AttributeError):
+        return ""
+
+
+def evals_by_step(rows: list[dict], samples: list[str], fields: dict) -> tuple[dict, list[str]]:
+    """Columns of arrays sorted by step; a step evaluated twice (resumed from an older checkpoint) keeps the last.
+    `fields` maps each column to its key in the rows."""
     if not rows:
-        return {k: np.zeros(0) for k in keys}, []
-    columns = {k: np.array([r.get(k, math.nan) for r in rows], dtype=np.float64) for k in keys}
+        return {k: np.zeros(0) for k in fields}, []
+    try:  # one C-level pass over the rows; a row without some field takes the slower way, missing as NaN
+        table = np.array(list(map(itemgetter(*fields.values()), rows)), dtype=np.float64)
+    except KeyError:
+        table = np.array([[r.get(f, math.nan) for f in fields.values()] for r in rows], dtype=np.float64)
+    columns = dict(zip(fields, table.T, strict=True))
     steps = columns["step"].astype(np.int64)
     _, last = np.unique(steps[::-1], return_index=True)
     order = len(steps) - 1 - last  # indices of the last occurrence of each step, in step order
@@ -126,7 +168,6 @@ def load_record(folder: Path) -> Run:
         text = (folder / "metrics.jsonl").read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         text = ""
-    events = [e for e in read_json_lines(text, str(folder / "metrics.jsonl")) if isinstance(e, dict)]
     run = Run(
         path=folder,
         name=folder.name or str(folder),
@@ -139,22 +180,19 @@ def load_record(folder: Path) -> Run:
         dirty=header.get("git", {}).get("dirty"),
     )
     clearml = header.get("clearml", {})
-    rows, samples = [], []
-    for event in events:
-        kind = event.get("event")
-        run.wall_time = max(run.wall_time, float(event.get("elapsed") or 0.0))
-        if kind == "status":
+    events = record_events(text, str(folder / "metrics.jsonl"))
+    evals = [(e, line) for e, line in events if e.get("event") == "eval"]
+    for event, _ in events:
+        if event.get("event") == "status":
             run.status, run.message = event.get("status", run.status), event.get("message") or ""
-        elif kind == "resumed":
+        elif event.get("event") == "resumed":
             run.flags, clearml = event.get("flags", run.flags), event.get("clearml", clearml)
-        elif kind == "eval":
-            rows.append({"step": event["step"], "tokens": event.get("tokens"), "elapsed": event.get("elapsed"),
-                         "lr": event.get("lr"), "Loss/train": event.get("loss_train"),
-                         "Loss/val": event.get("loss_val"), "BPB": event.get("bpb")})  # fmt: skip
-            samples.append(event.get("sample", ""))
+            run.status, run.message = "running", ""
+    if events:
+        run.wall_time = float(np.nanmax(np.array([e.get("elapsed") for e, _ in events], dtype=np.float64)))
     run.flags = {k: flag_text(v) for k, v in run.flags.items()}
     run.clearml = clearml.get("offline_session") or clearml.get("web_page") or ""
-    run.evals, run.samples = evals_by_step(rows, samples)
+    run.evals, run.samples = evals_by_step([e for e, _ in evals], [line for _, line in evals], RECORD_FIELDS)
     return run
 
 
@@ -234,7 +272,8 @@ def load_session(path: Path) -> Run:
     rows = [{"step": s, "tokens": s * tokens_per_step, "elapsed": elapsed.get(s), "lr": lrs.get(s, lrs.get(s + 1)),
              "Loss/train": scalars.get(("Loss", "train"), {}).get(s), "Loss/val": v,
              "BPB": scalars.get(("BPB", "val"), {}).get(s)} for s, v in val.items()]  # fmt: skip
-    run.evals, run.samples = evals_by_step(rows, [samples.get(r["step"], "") for r in rows])
+    samples_json = [json.dumps({"sample": samples.get(r["step"], "")}) for r in rows]
+    run.evals, run.samples = evals_by_step(rows, samples_json, {k: k for k in RECORD_FIELDS})
     return run
 
 
@@ -493,8 +532,8 @@ def figure(runs: list[Run]):
             steps, values = curve(run, metric)
             fig.add_trace(
                 go.Scatter(
-                    x=steps,
-                    y=values,
+                    x=steps.astype(np.int32),  # half the bytes of float64 in the page; plenty for a plot
+                    y=values.astype(np.float32),
                     mode="lines+markers" if len(steps) <= 50 else "lines",
                     name=run.name,
                     legendgroup=run.name,
@@ -525,7 +564,7 @@ def samples_at(runs: list[Run], steps: list[int]) -> dict:
         cells = []
         for run in runs:
             i = int(np.searchsorted(run.steps, step, side="right")) - 1
-            cells.append([int(run.steps[i]), run.samples[i]] if i >= 0 else None)
+            cells.append([int(run.steps[i]), decode_sample(run.samples[i])] if i >= 0 else None)
         table[str(step)] = cells
     return table
 

@@ -451,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = tokenizer_from_text(checkpoint["tokenizer"]) if checkpoint else None
     splits = load_data(parser, args, tokenizer)
     try:
-        early_abort = compare.EarlyAbort.against(args, splits.tag, splits.tokenizer.fingerprint)
+        early_abort = (
+            None if args.eval_only else compare.EarlyAbort.against(args, splits.tag, splits.tokenizer.fingerprint)
+        )
     except compare.CompareError as e:
         parser.error(f"--baseline {args.baseline}: {e}")
     config = GPTConfig(

@@ -197,15 +197,17 @@ class RunRecord:
     def evaluation(self, step: int, tokens: int, loss_train: float, loss_val: float, bpb: float, lr: float,
                    sample: str) -> None:  # fmt: skip
         self.append({"event": "eval", "step": step, "tokens": tokens, "loss_train": loss_train, "loss_val": loss_val,
-                     "bpb": bpb, "lr": lr, "sample": sample})  # fmt: skip
+                     "bpb": bpb, "lr": lr}, sample=sample)  # fmt: skip
 
     def status(self, status: str, message: str = "", step: int | None = None) -> None:
         """ "completed", "aborted" or "failed", with what happened."""
         self.append({"event": "status", "status": status, "message": message, "step": step})
 
-    def append(self, event: dict) -> None:
+    def append(self, event: dict, sample: str | None = None) -> None:
         event["elapsed"] = round(self.elapsed_before + time.monotonic() - self.started, 3)
         event["time"] = time.time()
+        if sample is not None:
+            event["sample"] = sample  # last, so a reader that only wants the numbers can cut the line before it
         line = json.dumps(event, default=str) + "\n"  # one write of one whole line
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(line)

@@ -184,6 +184,17 @@ def test_killed_run_leaves_a_readable_record(runs):
     assert result.returncode == 0, result.stderr
     assert table_row(result.stdout, "status")[1] == "running"
     assert int(table_row(result.stdout, "steps")[1]) >= 10
+    before = (runs.path / "killed" / "run" / "metrics.jsonl").read_text().splitlines()
+
+    resumed = runs.run("--resume", "killed/run", "--max_steps", "20", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    events = [json.loads(line) for line in (runs.path / "killed" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(events) > len(before)  # the same record, appended to
+    first_new = events[len(before)]
+    assert first_new["event"] == "resumed" and first_new["elapsed"] >= json.loads(before[-1])["elapsed"]
+    result = compare(runs, "runs/d0.0", "killed/run")
+    assert table_row(result.stdout, "status")[1] == "completed"
+    assert table_row(result.stdout, "steps")[1] == "20"
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -218,12 +229,14 @@ def test_html_report_in_chromium(runs, tmp_path):
     driver = chromium_driver()
     try:
         driver.get(report.as_uri())
-        traces = driver.execute_script(
-            "return document.getElementById('curves').data.map(t => [t.meta.run, t.meta.series, t.y.length]);"
+        traces = driver.execute_script("return document.getElementById('curves').data.map(t => t.meta);")
+        expected = [{"run": f"d{d}", "series": s} for d in DROPOUTS for s in ("Loss/train", "Loss/val", "BPB")]
+        assert traces == expected
+        drawn = driver.execute_script(
+            "return [...document.querySelectorAll('#curves g.trace.scatter')]"
+            ".map(g => g.querySelectorAll('path.point').length);"
         )
-        expected = {(f"d{d}", series) for d in DROPOUTS for series in ("Loss/train", "Loss/val", "BPB")}
-        assert len(traces) == 9 and {(run, series) for run, series, _ in traces} == expected
-        assert all(n == 7 for _, _, n in traces)
+        assert drawn == [len(records["0.0"])] * 9  # every curve drawn, with a point per evaluation
 
         def shown_samples() -> list[str]:
             boxes = driver.find_elements(By.CSS_SELECTOR, "#samples pre")
