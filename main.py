@@ -60,6 +60,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoint as ckpt
+import compare
 import data
 import tracking
 from model import ARCHS, GPT, GPTConfig, enable_tf32
@@ -213,6 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_tokens", type=in_range(int, 0), default=100, help="tokens generated per sample")
     g.add_argument("--temperature", type=in_range(float, 0), default=0.8, help="sampling temperature; 0 is greedy")
     g.add_argument("--top_k", type=in_range(int, 1), default=50, help="sample only from the k likeliest tokens")
+    g.add_argument(
+        "--baseline",
+        default=None,
+        metavar="RUN",
+        help="a run folder or ClearML offline session on the same data: stop this run when clearly worse",
+    )
+    g.add_argument(
+        "--abort_after",
+        type=in_range(float, 0, 1),
+        default=0.2,
+        help="with --baseline: fraction of max_steps before a run may be stopped",
+    )
+    g.add_argument(
+        "--abort_margin",
+        type=in_range(float, 0),
+        default=0.03,
+        help="with --baseline: stop when Loss/val is this much worse (relative) at two evaluations in a row",
+    )
 
     g = p.add_argument_group("system")
     g.add_argument(
@@ -714,13 +733,19 @@ def run(argv: list[str], stop: StopFlag) -> int:
             optimizer = build_optimizer(model, args, device, checkpoint["optimizer"] if checkpoint else None)
         except ValueError as e:  # a checkpoint whose optimizer state has other groups (an older Muon layout)
             parser.error(f"--resume {args.resume}: its optimizer state does not fit this program's optimizer ({e})")
+        try:
+            early_abort = compare.EarlyAbort.against(args, splits.tag, splits.tokenizer.fingerprint)
+        except compare.CompareError as e:
+            parser.error(f"--baseline {args.baseline}: {e}")
     except SystemExit:  # a mistake in the data or the edited flags, explained on stderr: its line stays the last
         tracker.close("failed", "refused before training", quiet=True)
         raise
     except KeyboardInterrupt:
         tracker.close("aborted", "interrupted before training started", quiet=True)
         raise
-    return train(args, checkpoint, model, optimizer, splits, device, dtype, autocast, out_dir, tracker, stop)
+    return train(
+        args, checkpoint, model, optimizer, splits, device, dtype, autocast, out_dir, tracker, stop, early_abort
+    )
 
 
 def tokenizer_from_text(text: str) -> Tokenizer:
@@ -731,7 +756,18 @@ def tokenizer_from_text(text: str) -> Tokenizer:
 
 
 def train(
-    args, checkpoint, model, optimizer, splits, device, dtype, autocast, out_dir: Path, tracker, stop: StopFlag
+    args,
+    checkpoint,
+    model,
+    optimizer,
+    splits,
+    device,
+    dtype,
+    autocast,
+    out_dir: Path,
+    tracker,
+    stop: StopFlag,
+    early_abort=None,
 ) -> int:
     tokenizer = splits.tokenizer
     tokenizer_path = out_dir / "tokenizer.json"
@@ -747,6 +783,9 @@ def train(
     scaler = torch.amp.GradScaler(enabled=dtype == "float16")
     val_text_tokens, val_text_bytes = text_only(splits.val, splits.val_bytes, tokenizer)
 
+    record = tracking.RunRecord(out_dir)
+    record.start(tracker, vars(args), splits.tag, tokenizer.fingerprint, tokenizer.vocab_size, step, bool(checkpoint))
+    abort_reason = None
     print(
         f"{model.num_params() / 1e6:.2f}M parameters, {len(splits.train):,} training tokens, device {device}, "
         f"dtype {dtype}, run folder {out_dir}",
@@ -781,8 +820,8 @@ def train(
             return f"no checkpoint was written yet (the first is due at step {checkpoint_interval})"
         return f"the checkpoint of step {saved_step} is kept in {out_dir}"
 
-    def evaluate() -> None:
-        nonlocal best_val
+    def evaluate(final: bool = False) -> None:
+        nonlocal best_val, abort_reason
         with stop.allowing_interrupts():
             losses = estimate_loss(step_model, splits, args, device, autocast)
             bpb = bits_per_byte(losses["val_text"], val_text_tokens, val_text_bytes)
@@ -794,6 +833,11 @@ def train(
             sample = tracking.clean_sample(generate_sample(model, tokenizer, args, device, autocast))
             tqdm.write(f"--- Generated Sample (step {step}) ---\n{sample}\n---")
             tracker.report_sample(sample, step, losses["val"])
+        lr_now = learning_rate(step, args)
+        record.evaluation(step, step * tokens_per_step, losses["train"], losses["val"], bpb, lr_now, sample)
+        if early_abort and not final and not abort_reason and (abort_reason := early_abort.check(step, losses["val"])):
+            tracker.task.add_tags([compare.WORSE_THAN_BASELINE])
+            stop.requested = True  # stop as Ctrl+C would: after this step, checkpoint kept, status aborted
 
     def fix_steps_from_budget(eval_seconds: float) -> None:
         """Time a few steps, undo them, and turn --max_seconds into --max_steps (recorded), so the run reproduces."""
@@ -814,6 +858,8 @@ def train(
         steps = max(1, int(args.max_seconds / (per_step + eval_seconds / args.eval_interval)))
         args.max_steps = min(args.max_steps, step + steps)
         tracker.update_flags({"max_steps": args.max_steps})
+        if early_abort:
+            early_abort.first_step = args.abort_after * args.max_steps
         tqdm.write(
             f"--max_seconds {args.max_seconds:g}: {per_step * 1000:.0f} ms a step (the first took {first:.1f} s and is "
             f"not counted), so --max_steps {args.max_steps}, recorded: rerun with it to reproduce this run"
@@ -888,11 +934,11 @@ def train(
             if status == "failed":
                 break
             if stop.requested:
-                status, exit_code, message = "aborted", EXIT_ABORTED, f"interrupted at step {step}"
+                status, exit_code, message = "aborted", EXIT_ABORTED, abort_reason or f"interrupted at step {step}"
                 break
         bar.close()
         if status == "completed" and step != evaluated_at:
-            evaluate()
+            evaluate(final=True)
         if status != "failed":
             save()
             tracker.register_checkpoint(out_dir / ckpt.CHECKPOINT, tokenizer_path, step)
@@ -922,6 +968,7 @@ def train(
             f"; checkpoint saved to {out_dir / ckpt.CHECKPOINT}\n  continue with: python main.py --resume {out_dir}"
         )
     stop.closing = True
+    record.status(status, message.splitlines()[0] if message else "", step)
     tracker.close(status, message.splitlines()[0] if message else "")
     if status != "completed":
         say(message)  # last, after ClearML's own lines: what happened and what was kept

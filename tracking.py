@@ -35,15 +35,19 @@ Design choices:
 """
 
 import ast
+import contextlib
 import importlib.metadata
 import io
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unicodedata
+from datetime import datetime
 from pathlib import Path
 
 import requests
@@ -335,3 +339,119 @@ class Tracker:
                 f"ClearML offline session: {folder}.zip\n"
                 f"  import it into a server later with: clearml-task --import-offline-session {folder}.zip"
             )
+
+
+class RunRecord:
+    """The run's own record beside its checkpoint, readable with or without ClearML (compare.py reads it).
+
+    `run.json` is the header, written once (temporary file, then rename): what was run and where it is tracked.
+    `metrics.jsonl` holds one JSON event per line, appended, flushed and fsynced as it happens: status changes and
+    every evaluation. A kill -9 loses at most the line being written; readers skip a torn last line. A resumed run
+    appends to the same file, starting with a "resumed" event that holds the flags as used from then on.
+    """
+
+    FORMAT = 1
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.header_path = self.folder / "run.json"
+        self.metrics_path = self.folder / "metrics.jsonl"
+        self.elapsed_before = 0.0  # seconds recorded by earlier sessions of a resumed run
+        self.started = time.monotonic()
+
+    def start(self, tracker: Tracker, flags: dict, dataset: str, tokenizer_fingerprint: str, vocab_size: int,
+              step: int, resumed: bool) -> None:  # fmt: skip
+        """Write the header of a new run, or mark where a resumed run continues its record."""
+        clearml = clearml_location(tracker)
+        if resumed and self.header_path.is_file():
+            self.elapsed_before = last_elapsed(self.metrics_path)
+            self.append({"event": "resumed", "step": step, "flags": flags, "clearml": clearml})
+            return
+        for path in (self.header_path, self.metrics_path):  # a reused folder keeps the earlier run's record aside
+            if path.exists():
+                path.rename(path.with_name(f"{path.name}.replaced-{datetime.now():%Y%m%d-%H%M%S}"))
+        commit, dirty = git_state(Path(sys.argv[0]).resolve().parent)
+        header = {
+            "format": self.FORMAT,
+            "hypothesis": flags.get("comment", ""),
+            "flags": flags,
+            "dataset": dataset,
+            "tokenizer": {"fingerprint": tokenizer_fingerprint, "vocab_size": vocab_size},
+            "git": {"commit": commit, "dirty": dirty},
+            "clearml": clearml,
+            "world_size": 1,
+            "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+        write_atomically(self.header_path, json.dumps(header, indent=1, default=str) + "\n")
+        self.append({"event": "status", "status": "running", "step": step})
+
+    def evaluation(self, step: int, tokens: int, loss_train: float, loss_val: float, bpb: float, lr: float,
+                   sample: str) -> None:  # fmt: skip
+        self.append({"event": "eval", "step": step, "tokens": tokens, "loss_train": loss_train, "loss_val": loss_val,
+                     "bpb": bpb, "lr": lr}, sample=sample)  # fmt: skip
+
+    def status(self, status: str, message: str = "", step: int | None = None) -> None:
+        """ "completed", "aborted" or "failed", with what happened."""
+        self.append({"event": "status", "status": status, "message": message, "step": step})
+
+    def append(self, event: dict, sample: str | None = None) -> None:
+        event["elapsed"] = round(self.elapsed_before + time.monotonic() - self.started, 3)
+        event["time"] = time.time()
+        if sample is not None:
+            event["sample"] = sample  # last, so a reader that only wants the numbers can cut the line before it
+        line = json.dumps(event, default=str) + "\n"  # one write of one whole line
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def clearml_location(tracker: Tracker) -> dict:
+    """The task id, and where to see it: the offline session's zip, or the task's page on the server."""
+    task = tracker.task
+    if tracker.offline:
+        return {"task_id": task.id, "offline_session": f"{task.get_offline_mode_folder()}.zip"}
+    return {"task_id": task.id, "web_page": task.get_output_log_web_page()}
+
+
+def git_state(path: Path) -> tuple[str | None, bool | None]:
+    """The commit checked out at `path` and whether the tree has uncommitted changes; (None, None) without git."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        changes = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None, None
+    if commit.returncode or changes.returncode:
+        return None, None
+    return commit.stdout.strip(), bool(changes.stdout.strip())
+
+
+def last_elapsed(metrics_path: Path) -> float:
+    """The elapsed seconds of the last whole event, so a resumed run's clock continues where it stopped."""
+    elapsed = 0.0
+    with contextlib.suppress(OSError), open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                elapsed = float(json.loads(line).get("elapsed", elapsed))
+    return elapsed
+
+
+def write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
