@@ -22,6 +22,10 @@ Design choices:
   checkpoint but still closes the task. A diverging loss stops the run, keeps the last good checkpoint, exit 1.
 - A failure from outside (out of memory, disk full, I/O error) or a bug ends with one line saying what happened and
   what was kept, the task closed as failed, the traceback in the run folder's error.log, and its own exit code.
+- Under torchrun (distributed.py) the same program trains one model in DistributedDataParallel: --batch_size is per
+  process, and process r takes the r-th part of the batch one process would draw with world_size times --batch_size,
+  for training and evaluation alike: N processes train and evaluate exactly as one process with an N times larger
+  batch. Rank 0 alone creates the task, prints and writes; all ranks agree at every step whether to stop.
 """
 
 import os
@@ -60,6 +64,7 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 import data
+import distributed
 import tracking
 from model import ARCHS, GPT, GPTConfig
 from tokenizer import Tokenizer
@@ -70,6 +75,7 @@ EXIT_USAGE = 2
 EXIT_OUT_OF_MEMORY = 3
 EXIT_IO = 4
 EXIT_BUG = 5
+EXIT_PEER_LOST = 6  # under torchrun: another process of the run stopped
 DIVERGENCE_FACTOR = 2.0  # a training loss above this multiple of the best one (after warmup) means divergence
 FROZEN_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "arch", "vocab_size", "optimizer")
 WARMUP_STEPS, WARMUP_SHARE = 100, 0.1  # default warmup: 100 steps, but never more than this share of the run
@@ -231,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task_name", default=None, help="ClearML task name (default: the comment, else dataset and time)")
     g.add_argument("--tags", nargs="*", default=[], help="extra ClearML tags")
     g.add_argument("--offline", action="store_true", help="track in ClearML's offline mode even if a server is set")
+    g.add_argument(
+        "--queue",
+        default=None,
+        metavar="NAME",
+        help="create the task, then hand it to the clearml-agents that listen on this queue (needs a ClearML server)",
+    )
 
     g = p.add_argument_group("output")
     g.add_argument("--out_dir", default=None, help="run folder for the checkpoint (default: runs/<time>)")
@@ -346,13 +358,19 @@ def estimate_loss(model: GPT, splits: data.Splits, args: argparse.Namespace, dev
         generator = torch.Generator().manual_seed(args.seed + 1 + offset)
         total, text_total, text_count = 0.0, 0.0, 0
         for _ in range(args.eval_iters):
-            x, y = data.get_batch(getattr(splits, split), args.batch_size, args.block_size, generator, device)
+            x, y = data.get_batch(
+                getattr(splits, split), args.batch_size, args.block_size, generator, device,
+                part=distributed.rank(), parts=distributed.world_size(),
+            )  # fmt: skip
             per_token = token_losses(model, x, y, autocast)
             text = ~torch.isin(y, special)
             total += per_token.mean().item()
             text_total += per_token[text].sum().item()
             text_count += int(text.sum())
-        losses[split] = total / args.eval_iters
+        total, text_total, text_count = distributed.sum_across(
+            torch.tensor([total, text_total, text_count], dtype=torch.float64)
+        ).tolist()
+        losses[split] = total / (args.eval_iters * distributed.world_size())
         losses[f"{split}_text"] = text_total / max(text_count, 1)
     model.train()
     return losses
@@ -382,7 +400,10 @@ class Batches:
 
     def _draw(self):
         self.state = self.generator.get_state()
-        return data.get_batch(self.tokens, self.args.batch_size, self.args.block_size, self.generator, self.device)
+        return data.get_batch(
+            self.tokens, self.args.batch_size, self.args.block_size, self.generator, self.device,
+            part=distributed.rank(), parts=distributed.world_size(),
+        )  # fmt: skip
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch, self.ahead = self.ahead, self._draw()
@@ -397,11 +418,12 @@ class Batches:
 def train_step(model, optimizer, scaler, batches: Batches, args: argparse.Namespace, autocast) -> torch.Tensor:
     """One optimizer step over grad_accum micro-batches; returns the mean loss, left on the device (no sync)."""
     loss_sum = None
-    for _ in range(args.grad_accum):
+    for micro in range(args.grad_accum):
         x, y = batches.next()
-        with autocast:
-            _, loss = model(x, y)
-        scaler.scale(loss / args.grad_accum).backward()
+        with distributed.sync_gradients(model, now=micro == args.grad_accum - 1):
+            with autocast:
+                _, loss = model(x, y)
+            scaler.scale(loss / args.grad_accum).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     if args.grad_clip > 0:
         scaler.unscale_(optimizer)
@@ -489,7 +511,7 @@ def load_data(parser: argparse.ArgumentParser, args: argparse.Namespace, tokeniz
     cache_dir = Path(args.cache_dir).expanduser()
     try:
         if args.data == "tinystories":
-            needed = args.max_steps * args.batch_size * args.grad_accum * (args.block_size + 1)
+            needed = args.max_steps * args.batch_size * args.grad_accum * args.world_size * (args.block_size + 1)
             splits = data.load_tinystories(
                 base_url=args.tinystories_url,
                 version=args.tinystories_version,
@@ -588,22 +610,32 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     stop = StopFlag()
     stop.install()
+    distributed.setup()
     parser = build_parser()
     args, checkpoint = resolve_args(parser, argv)
     device = pick_device(parser, args.device)
     dtype, autocast = autocast_context(parser, device, args.dtype)
+    args.world_size = distributed.world_size()  # recorded in Args and in the checkpoint
+    if args.queue and args.world_size > 1:
+        parser.error("--queue hands the run to a clearml-agent: start it with python main.py, not torchrun")
+    if args.queue and (args.offline or tracking.configured_server() is None):
+        parser.error(f"--queue {args.queue} needs a ClearML server: run clearml-init or set CLEARML_API_HOST")
     out_dir = None
     if not args.eval_only:
-        try:
-            out_dir, _lock = ckpt.claim(args.out_dir, resuming=checkpoint is not None, overwrite=args.overwrite)
-        except ckpt.RunFolderError as e:
-            parser.error(str(e))
-        args.out_dir = str(out_dir)
-    torch.manual_seed(args.seed)
+        if distributed.is_main():  # the run folder is rank 0's alone
+            try:
+                out_dir, _lock = ckpt.claim(args.out_dir, resuming=checkpoint is not None, overwrite=args.overwrite)
+            except ckpt.RunFolderError as e:
+                parser.error(str(e))
+            args.out_dir = str(out_dir)
+        args.out_dir = distributed.share(args.out_dir)
+        out_dir = Path(args.out_dir)
+    torch.manual_seed(args.seed + distributed.rank())  # weights come from rank 0 (DDP broadcasts them); dropout not
 
     try:
         tokenizer = tokenizer_from_text(checkpoint["tokenizer"]) if checkpoint else None
-        splits = load_data(parser, args, tokenizer)
+        with distributed.main_first():  # the tokenizer and the token cache are made once, by rank 0
+            splits = load_data(parser, args, tokenizer)
     except KeyboardInterrupt:
         say("interrupted while preparing data; nothing to save")
         return EXIT_ABORTED
@@ -644,7 +676,8 @@ def tokenizer_from_text(text: str) -> Tokenizer:
 def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Path, stop: StopFlag) -> int:
     tokenizer = splits.tokenizer
     tokenizer_path = out_dir / "tokenizer.json"
-    tokenizer.save(tokenizer_path)
+    if distributed.is_main():
+        tokenizer.save(tokenizer_path)
     optimizer = build_optimizer(model, args, device, checkpoint["optimizer"] if checkpoint else None)
     batches = Batches(splits.train, args, device, checkpoint["rng"]["batches"] if checkpoint else None)
     step, best_val, best_train, saved_step = 0, float("inf"), float("inf"), None
@@ -653,7 +686,8 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-    step_model = torch.compile(model) if args.compile else model
+    eval_model = torch.compile(model) if args.compile else model
+    step_model = distributed.wrap(eval_model, device)  # DDP for the training steps only
     scaler = torch.amp.GradScaler(enabled=dtype == "float16")
     val_text_tokens, val_text_bytes = text_only(splits.val, splits.val_bytes, tokenizer)
 
@@ -666,12 +700,25 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
         flags=vars(args),
         offline=args.offline,
         continue_task_id=checkpoint.get("task_id") if checkpoint else None,
-    )
+    ) if distributed.is_main() else tracking.NoTracker()  # fmt: skip
+    if args.queue:
+        try:
+            tracker.enqueue(args.queue)  # ends this process, unless it is the agent that runs the task
+        except tracking.QueueError as e:
+            tracker.close("failed", str(e))
+            say(str(e))
+            return EXIT_USAGE
     print(
         f"{model.num_params() / 1e6:.2f}M parameters, {len(splits.train):,} training tokens, device {device}, "
         f"dtype {dtype}, run folder {out_dir}",
         flush=True,
     )
+    if args.world_size > 1:
+        print(
+            f"world size {args.world_size}: global batch {args.batch_size * args.grad_accum * args.world_size} "
+            f"sequences (--batch_size {args.batch_size} x --grad_accum {args.grad_accum} x {args.world_size} ranks)",
+            flush=True,
+        )
 
     def checkpoint_state() -> dict:
         return {
@@ -692,7 +739,8 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
 
     def save() -> None:
         nonlocal saved_step
-        ckpt.save(out_dir / ckpt.CHECKPOINT, checkpoint_state())
+        if distributed.is_main():
+            ckpt.save(out_dir / ckpt.CHECKPOINT, checkpoint_state())
         saved_step = step
 
     def kept() -> str:
@@ -703,16 +751,17 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
     def evaluate() -> None:
         nonlocal best_val
         with stop.allowing_interrupts():
-            losses = estimate_loss(step_model, splits, args, device, autocast)
+            losses = estimate_loss(eval_model, splits, args, device, autocast)
             bpb = bits_per_byte(losses["val_text"], val_text_tokens, val_text_bytes)
             tracker.report_scalar("Loss", "train", losses["train"], step)
             tracker.report_scalar("Loss", "val", losses["val"], step)
             tracker.report_scalar("BPB", "val", bpb, step)
             best_val = min(best_val, losses["val"])
             tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            sample = generate_sample(model, tokenizer, args, device, autocast)
-            tqdm.write(f"--- Generated Sample (step {step}) ---\n{sample}\n---")
-            tracker.report_sample(sample, step)
+            if distributed.is_main():
+                sample = generate_sample(model, tokenizer, args, device, autocast)
+                tqdm.write(f"--- Generated Sample (step {step}) ---\n{sample}\n---")
+                tracker.report_sample(sample, step)
 
     def fix_steps_from_budget(eval_seconds: float) -> None:
         """Time a few steps, undo them, and turn --max_seconds into --max_steps (recorded), so the run reproduces."""
@@ -731,7 +780,7 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
         batches.restart(undo[2])
         torch.set_rng_state(undo[3])
         steps = max(1, int(args.max_seconds / (per_step + eval_seconds / args.eval_interval)))
-        args.max_steps = min(args.max_steps, step + steps)
+        args.max_steps = distributed.share(min(args.max_steps, step + steps))  # rank 0's timing decides for all
         tracker.update_flags({"max_steps": args.max_steps})
         tqdm.write(
             f"--max_seconds {args.max_seconds:g}: {per_step * 1000:.0f} ms a step (the first took {first:.1f} s and is "
@@ -739,8 +788,9 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
         )
 
     checkpoint_interval = args.checkpoint_interval or args.eval_interval
-    tokens_per_step = args.batch_size * args.grad_accum * args.block_size
+    tokens_per_step = args.batch_size * args.grad_accum * args.block_size * args.world_size
     peak = peak_flops(device)
+    peak = peak * args.world_size if peak else None
     status, message, exit_code = "completed", "", 0
     evaluated_at = step if checkpoint else None  # a resumed run was evaluated at its saved step already
     pending, clock, timed_steps, bar = [], None, 0, None
@@ -753,7 +803,7 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
                 evaluated_at = step
             else:  # timed only: a resumed run was evaluated at this step already
                 with stop.allowing_interrupts():
-                    estimate_loss(step_model, splits, args, device, autocast)
+                    estimate_loss(eval_model, splits, args, device, autocast)
                     generate_sample(model, tokenizer, args, device, autocast)
             fix_steps_from_budget(time.perf_counter() - started)
         if args.warmup_steps is None:
@@ -779,10 +829,12 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
             else:
                 timed_steps += 1
             due = step % args.eval_interval == 0 or step % checkpoint_interval == 0 or step == args.max_steps
-            if len(pending) < args.log_interval and not due and not stop.requested:
+            stopping = distributed.any_rank(stop.requested)  # every rank stops at the same step
+            if len(pending) < args.log_interval and not due and not stopping:
                 continue
-            # Once per log interval, and before evaluations and checkpoints: the losses come off the device.
-            losses, first = torch.stack(pending).float().tolist(), step - len(pending) + 1
+            # Once per log interval, and before evaluations and checkpoints: the losses come off the device
+            # (averaged over ranks, so every rank sees the same losses and decides alike on divergence).
+            losses, first = distributed.average(torch.stack(pending).float()).tolist(), step - len(pending) + 1
             pending = []
             synchronize(device)
             tokens_per_s = tokens_per_step * timed_steps / (time.perf_counter() - clock) if timed_steps else 0.0
@@ -803,7 +855,7 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
                 best_train = min(best_train, loss)
             if status == "failed":
                 break
-            if stop.requested:
+            if stopping:
                 status, exit_code, message = "aborted", EXIT_ABORTED, f"interrupted at step {step}"
                 break
         bar.close()
@@ -830,6 +882,7 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
     except Exception as e:
         exit_code, message = failure(e, step, kept(), out_dir)
         status = "failed"
+        distributed.failure(message)
     finally:
         if bar is not None:
             bar.close()
@@ -850,6 +903,8 @@ def failure(error: Exception, step: int, kept: str, out_dir: Path) -> tuple[int,
     with contextlib.suppress(OSError), open(log, "a") as f:
         f.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} step {step}\n{traceback.format_exc()}\n")
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if distributed.peer_lost(error):
+        return EXIT_PEER_LOST, f"another process of this run stopped at step {step}; {kept}"
     if isinstance(error, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in text:
         return EXIT_OUT_OF_MEMORY, f"out of memory at step {step}; {kept}; try a smaller --batch_size (details: {log})"
     if isinstance(error, OSError):
@@ -876,4 +931,9 @@ def peak_flops(device: str) -> float | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # The run has ended and said how: a signal from now on (torchrun stopping the other ranks, a late Ctrl+C) must
+    # not turn that exit code into a death by signal while the interpreter shuts down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(exit_code)
