@@ -15,7 +15,8 @@ Design choices:
   reaches the ranks at slightly different moments), and losses are averaged before anything is decided from them.
 - A rank that dies makes its peers' collectives fail; those failures are recognised (`peer_lost`), so the survivors
   end with one line while torchrun tears the run down.
-- The one long wait, for rank 0 to prepare the data, is polled, so a signal is obeyed while waiting.
+- Waits on collectives are polled, not blocked in C++, so a signal is handled while a rank waits for the others:
+  rank 0 preparing the data, or a peer that Ctrl+C stopped in the middle of an evaluation.
 """
 
 import atexit
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-POLL_SECONDS = 0.05
+POLL_SECONDS = 0.05  # the longest sleep between two looks at a pending collective
 
 
 class PeerLost(Exception):
@@ -65,10 +66,12 @@ def setup() -> None:
         return
     if torch.cuda.is_available():
         if local_rank() >= torch.cuda.device_count():
-            sys.exit(
+            print(
                 f"rank {rank()}: this machine has {torch.cuda.device_count()} GPUs, fewer than the processes torchrun "
-                "started on it; use --nproc_per_node with at most one process per GPU"
+                "started on it; give --nproc_per_node at most one process per GPU",
+                file=sys.stderr,
             )
+            sys.exit(2)
         torch.cuda.set_device(local_rank())  # "cuda" now means this rank's GPU everywhere
     dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     atexit.register(teardown)
@@ -116,12 +119,22 @@ def collective(run):
         raise
 
 
+def all_reduce(values: torch.Tensor, op: dist.ReduceOp) -> None:
+    """dist.all_reduce in place, waited on by polling: first every 0.1 ms, backing off to POLL_SECONDS."""
+    work = collective(lambda: dist.all_reduce(values, op=op, async_op=True))
+    pause = 1e-4
+    while not work.is_completed():
+        time.sleep(pause)
+        pause = min(2 * pause, POLL_SECONDS)
+    collective(work.wait)
+
+
 def any_rank(flag: bool) -> bool:
     """Whether `flag` is set on any rank: the same answer on every rank."""
     if not active():
         return flag
     value = torch.tensor([float(flag)])
-    collective(lambda: dist.all_reduce(value, op=dist.ReduceOp.MAX))
+    all_reduce(value, dist.ReduceOp.MAX)
     return bool(value.item())
 
 
@@ -129,7 +142,7 @@ def sum_across(values: torch.Tensor) -> torch.Tensor:
     """The element-wise sum of `values` over ranks (a copy; CPU tensors go over gloo, CUDA ones over NCCL)."""
     values = values.clone()
     if active():
-        collective(lambda: dist.all_reduce(values, op=dist.ReduceOp.SUM))
+        all_reduce(values, dist.ReduceOp.SUM)
     return values
 
 
@@ -148,13 +161,9 @@ def share(value):
 
 
 def wait_for_all() -> None:
-    """Return when every rank has called this; polled, so a signal still interrupts the wait."""
-    if not active():
-        return
-    work = collective(lambda: dist.all_reduce(torch.zeros(1), async_op=True))
-    while not work.is_completed():
-        time.sleep(POLL_SECONDS)
-    collective(work.wait)
+    """Return when every rank has called this (a barrier over gloo, whatever the device)."""
+    if active():
+        all_reduce(torch.zeros(1), dist.ReduceOp.SUM)
 
 
 @contextlib.contextmanager

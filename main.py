@@ -511,7 +511,8 @@ def load_data(parser: argparse.ArgumentParser, args: argparse.Namespace, tokeniz
     cache_dir = Path(args.cache_dir).expanduser()
     try:
         if args.data == "tinystories":
-            needed = args.max_steps * args.batch_size * args.grad_accum * args.world_size * (args.block_size + 1)
+            batch = args.batch_size * args.grad_accum * distributed.world_size()  # sequences per step, all ranks
+            needed = args.max_steps * batch * (args.block_size + 1)
             splits = data.load_tinystories(
                 base_url=args.tinystories_url,
                 version=args.tinystories_version,
@@ -616,8 +617,10 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(parser, args.device)
     dtype, autocast = autocast_context(parser, device, args.dtype)
     args.world_size = distributed.world_size()  # recorded in Args and in the checkpoint
-    if args.queue and args.world_size > 1:
+    if distributed.world_size() > 1 and args.queue:
         parser.error("--queue hands the run to a clearml-agent: start it with python main.py, not torchrun")
+    if distributed.world_size() > 1 and device == "mps":
+        parser.error("under torchrun the processes train on CUDA GPUs or on the CPU: use --device cpu on this machine")
     if args.queue and (args.offline or tracking.configured_server() is None):
         parser.error(f"--queue {args.queue} needs a ClearML server: run clearml-init or set CLEARML_API_HOST")
     out_dir = None
@@ -713,10 +716,11 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
         f"dtype {dtype}, run folder {out_dir}",
         flush=True,
     )
-    if args.world_size > 1:
+    world = distributed.world_size()  # used, rather than the recorded args.world_size, which Args may override
+    if world > 1:
         print(
-            f"world size {args.world_size}: global batch {args.batch_size * args.grad_accum * args.world_size} "
-            f"sequences (--batch_size {args.batch_size} x --grad_accum {args.grad_accum} x {args.world_size} ranks)",
+            f"world size {world}: global batch {args.batch_size * args.grad_accum * world} sequences "
+            f"(--batch_size {args.batch_size} x --grad_accum {args.grad_accum} x {world} ranks)",
             flush=True,
         )
 
@@ -788,9 +792,9 @@ def train(args, checkpoint, model, splits, device, dtype, autocast, out_dir: Pat
         )
 
     checkpoint_interval = args.checkpoint_interval or args.eval_interval
-    tokens_per_step = args.batch_size * args.grad_accum * args.block_size * args.world_size
+    tokens_per_step = args.batch_size * args.grad_accum * args.block_size * world
     peak = peak_flops(device)
-    peak = peak * args.world_size if peak else None
+    peak = peak * world if peak else None
     status, message, exit_code = "completed", "", 0
     evaluated_at = step if checkpoint else None  # a resumed run was evaluated at its saved step already
     pending, clock, timed_steps, bar = [], None, 0, None

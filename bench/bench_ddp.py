@@ -1,7 +1,7 @@
 """
 Training throughput on the CPU with 1 and 2 processes (torchrun, gloo), and what the gradient all-reduce costs.
 
-    python bench/bench_ddp.py [--rounds 5] [--steps 8]
+    python bench/bench_ddp.py [--rounds 3] [--steps 4]
 
 Each candidate is a torchrun launch of this script in worker mode, which times main.py's own training step
 (`main.train_step` on `distributed.wrap`'s DistributedDataParallel model, Muon as by default) on random tokens at a
@@ -105,8 +105,8 @@ def launch(processes: int, threads: int, rounds: int, steps: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=8, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4, help="steps per timed round")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -114,7 +114,7 @@ def main() -> None:
 
     from machine import describe
 
-    print(f"machine: {describe()}")
+    print(f"machine: {describe()}; load average {os.getloadavg()[0]:.1f} at the start")
     print(f"shape: {' '.join(SHAPE)} --vocab_size {VOCAB} (--batch_size per process), Muon, float32")
     best: dict[str, dict] = {}
     for order in (list(CANDIDATES), list(reversed(CANDIDATES))):

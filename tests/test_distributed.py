@@ -76,7 +76,8 @@ def test_two_ranks_train_as_one_process_with_twice_the_batch(project):
         assert all(abs(got[step] - expected[step]) < 1e-4 for step in expected), (title, expected, got)
     checkpoint = torch.load(project.path / "TWO" / "ckpt.pt", weights_only=False)
     assert checkpoint["args"]["world_size"] == 2 and checkpoint["step"] == 8
-    assert sorted(p.name for p in (project.path / "TWO").iterdir()) == [".lock", "ckpt.pt", "tokenizer.json"]
+    written = sorted(p.name for p in (project.path / "TWO").iterdir())
+    assert [name for name in written if "ckpt" in name] == ["ckpt.pt"] and "tokenizer.json" in written
 
 
 def test_ctrl_c_stops_every_rank_at_the_same_step_and_resumes_on_one_process(project):
