@@ -60,10 +60,11 @@ def exit_codes(project) -> dict[int, int]:
 
 
 def test_two_ranks_train_as_one_process_with_twice_the_batch(project):
-    flags = [*QUICK, "--max_steps", "8", "--eval_interval", "4"]
-    one = project.run(*flags, "--batch_size", "16", "--out_dir", "ONE", OMP_NUM_THREADS="1")
+    """Same windows, same gradients: with gradient accumulation, the all-reduce after the last micro-batch sums all."""
+    flags = [*QUICK, "--grad_accum", "2", "--max_steps", "8", "--eval_interval", "4"]
+    one = project.run(*flags, "--batch_size", "8", "--out_dir", "ONE", OMP_NUM_THREADS="1")
     assert one.returncode == 0, one.stderr[-2000:]
-    code, stdout, stderr, _ = finish(torchrun(project, *flags, "--batch_size", "8", "--out_dir", "TWO"), timeout=120)
+    code, stdout, stderr, _ = finish(torchrun(project, *flags, "--batch_size", "4", "--out_dir", "TWO"), timeout=120)
     assert code == 0 and exit_codes(project) == {0: 0, 1: 0}, stderr[-3000:]
 
     assert stdout.count("world size 2: global batch 16 sequences") == 1  # rank 0 alone speaks
