@@ -92,10 +92,20 @@ class Splits:
 
 
 def get_batch(
-    tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator, device: str | torch.device
+    tokens: np.ndarray,
+    batch_size: int,
+    block_size: int,
+    generator: torch.Generator,
+    device: str | torch.device,
+    part: int = 0,
+    parts: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of block_size + 1 tokens: inputs and the same shifted by one. Reproducible from `generator`."""
-    starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator).numpy()
+    """Random windows of block_size + 1 tokens: inputs and the same shifted by one. Reproducible from `generator`.
+
+    With `parts` > 1, the starts of parts * batch_size windows are drawn and the `part`-th batch_size of them
+    returned: processes that each take their part train on what one process with a `parts` times larger batch would."""
+    starts = torch.randint(len(tokens) - block_size, (batch_size * parts,), generator=generator)
+    starts = starts[part * batch_size : (part + 1) * batch_size].numpy()
     windows = torch.from_numpy(tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
     x, y = windows[:, :-1], windows[:, 1:]
     if torch.device(device).type == "cuda":

@@ -22,6 +22,10 @@ Design choices:
   checkpoint but still closes the task. A diverging loss stops the run, keeps the last good checkpoint, exit 1.
 - A failure from outside (out of memory, disk full, I/O error) or a bug ends with one line saying what happened and
   what was kept, the task closed as failed, the traceback in the run folder's error.log, and its own exit code.
+- Under torchrun (distributed.py) the same program trains one model in DistributedDataParallel: --batch_size is per
+  process, and process r takes the r-th part of the batch one process would draw with world_size times --batch_size,
+  for training and evaluation alike: N processes train and evaluate exactly as one process with an N times larger
+  batch. Rank 0 alone creates the task, prints and writes; all ranks agree at every step whether to stop.
 """
 
 import os
@@ -62,6 +66,7 @@ from tqdm import tqdm
 import checkpoint as ckpt
 import compare
 import data
+import distributed
 import tracking
 from model import ARCHS, GPT, GPTConfig, enable_tf32
 from tokenizer import Tokenizer
@@ -72,6 +77,7 @@ EXIT_USAGE = 2
 EXIT_OUT_OF_MEMORY = 3
 EXIT_IO = 4
 EXIT_BUG = 5
+EXIT_PEER_LOST = 6  # under torchrun: another process of the run stopped
 DIVERGENCE_FACTOR = 2.0  # a training loss above this multiple of the best one (after warmup) means divergence
 FROZEN_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "arch", "vocab_size", "optimizer")
 WARMUP_STEPS, WARMUP_SHARE = 100, 0.1  # default warmup: 100 steps, but never more than this share of the run
@@ -256,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task_name", default=None, help="ClearML task name (default: the comment, else dataset and time)")
     g.add_argument("--tags", nargs="*", default=[], help="extra ClearML tags")
     g.add_argument("--offline", action="store_true", help="track in ClearML's offline mode even if a server is set")
+    g.add_argument(
+        "--queue",
+        default=None,
+        metavar="NAME",
+        help="create the task, then hand it to the clearml-agents that listen on this queue (needs a ClearML server)",
+    )
 
     g = p.add_argument_group("output")
     g.add_argument("--out_dir", default=None, help="run folder for the checkpoint (default: runs/<time>)")
@@ -371,13 +383,19 @@ def estimate_loss(model: GPT, splits: data.Splits, args: argparse.Namespace, dev
         generator = torch.Generator().manual_seed(args.seed + 1 + offset)
         total, text_total, text_count = 0.0, 0.0, 0
         for _ in range(args.eval_iters):
-            x, y = data.get_batch(getattr(splits, split), args.batch_size, args.block_size, generator, device)
+            x, y = data.get_batch(
+                getattr(splits, split), args.batch_size, args.block_size, generator, device,
+                part=distributed.rank(), parts=distributed.world_size(),
+            )  # fmt: skip
             per_token = token_losses(model, x, y, autocast)
             text = ~torch.isin(y, special)
             total += per_token.mean().item()
             text_total += per_token[text].sum().item()
             text_count += int(text.sum())
-        losses[split] = total / args.eval_iters
+        total, text_total, text_count = distributed.sum_across(
+            torch.tensor([total, text_total, text_count], dtype=torch.float64)
+        ).tolist()
+        losses[split] = total / (args.eval_iters * distributed.world_size())
         losses[f"{split}_text"] = text_total / max(text_count, 1)
     model.train()
     return losses
@@ -407,7 +425,10 @@ class Batches:
 
     def _draw(self):
         self.state = self.generator.get_state()
-        return data.get_batch(self.tokens, self.args.batch_size, self.args.block_size, self.generator, self.device)
+        return data.get_batch(
+            self.tokens, self.args.batch_size, self.args.block_size, self.generator, self.device,
+            part=distributed.rank(), parts=distributed.world_size(),
+        )  # fmt: skip
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch, self.ahead = self.ahead, self._draw()
@@ -422,11 +443,12 @@ class Batches:
 def train_step(model, optimizer, scaler, batches: Batches, args: argparse.Namespace, autocast) -> torch.Tensor:
     """One optimizer step over grad_accum micro-batches; returns the mean loss, left on the device (no sync)."""
     loss_sum = None
-    for _ in range(args.grad_accum):
+    for micro in range(args.grad_accum):
         x, y = batches.next()
-        with autocast:
-            _, loss = model(x, y)
-        scaler.scale(loss / args.grad_accum).backward()
+        with distributed.sync_gradients(model, now=micro == args.grad_accum - 1):
+            with autocast:
+                _, loss = model(x, y)
+            scaler.scale(loss / args.grad_accum).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     if args.grad_clip > 0:
         scaler.unscale_(optimizer)
@@ -516,7 +538,8 @@ def load_data(parser: argparse.ArgumentParser, args: argparse.Namespace, tokeniz
     cache_dir = Path(args.cache_dir).expanduser()
     try:
         if args.data == "tinystories":
-            needed = args.max_steps * args.batch_size * args.grad_accum * (args.block_size + 1)
+            batch = args.batch_size * args.grad_accum * distributed.world_size()  # sequences per step, all ranks
+            needed = args.max_steps * batch * (args.block_size + 1)
             splits = data.load_tinystories(
                 base_url=args.tinystories_url,
                 version=args.tinystories_version,
@@ -695,36 +718,56 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     stop.install()
     try:
+        distributed.setup()
         return run(sys.argv[1:] if argv is None else argv, stop)
     except KeyboardInterrupt:
         say("interrupted before training started; nothing to save")
         return EXIT_ABORTED
 
 
+def check_launch(parser: argparse.ArgumentParser, args: argparse.Namespace, device: str) -> None:
+    """Flags that depend on how the program was started (torchrun) or on a server (--queue)."""
+    args.world_size = distributed.world_size()  # recorded in Args and in the checkpoint
+    if args.world_size > 1 and args.queue:
+        parser.error("--queue hands the run to a clearml-agent: start it with python main.py, not torchrun")
+    if args.world_size > 1 and device == "mps":
+        parser.error("under torchrun the processes train on CUDA GPUs or on the CPU: use --device cpu on this machine")
+    if args.queue and (args.offline or tracking.configured_server() is None):
+        parser.error(f"--queue {args.queue} needs a ClearML server: run clearml-init or set CLEARML_API_HOST")
+
+
 def run(argv: list[str], stop: StopFlag) -> int:
     parser = build_parser()
     args, checkpoint = resolve_args(parser, argv)
     device, dtype, autocast = check_system(parser, args)
+    check_launch(parser, args, device)
     tokenizer = tokenizer_from_text(checkpoint["tokenizer"]) if checkpoint else None
     if args.eval_only:
-        splits = load_data(parser, args, tokenizer)
+        with distributed.main_first():
+            splits = load_data(parser, args, tokenizer)
         evaluate_only(args, build_model(parser, args, splits, checkpoint, device), splits, device, autocast)
         return 0
-    out_dir, lock = claim_run_folder(parser, args, resuming=checkpoint is not None)
+    main_rank = distributed.is_main()  # rank 0 alone owns the run folder and the task; the others follow it
+    out_dir, lock = claim_run_folder(parser, args, resuming=checkpoint is not None) if main_rank else (None, None)
 
     # The task starts once the flags are checked, so its console holds everything below; the run then goes on with
     # the flags as the task holds them (under clearml-agent, as edited in the web UI), checked again if they changed.
-    tracker = start_tracking(parser, args, checkpoint)
-    connected = argparse.Namespace(**tracker.connect(vars(args), flag_types(parser)))
+    tracker = start_tracking(parser, args, checkpoint) if main_rank else tracking.NoTracker()
+    connected = argparse.Namespace(**tracker.connect(vars(args), flag_types(parser))) if main_rank else args
+    connected = argparse.Namespace(**distributed.share(vars(connected)))
     try:
         if connected != args:
-            if connected.out_dir != args.out_dir:
+            if main_rank and connected.out_dir != args.out_dir:
                 lock.close()
                 out_dir, lock = claim_run_folder(parser, connected, resuming=checkpoint is not None)
             args = connected
             device, dtype, autocast = check_system(parser, args)
-        torch.manual_seed(args.seed)
-        splits = load_data(parser, args, tokenizer)
+        out_dir = Path(args.out_dir)
+        if args.queue:
+            tracker.enqueue(args.queue)  # ends this process, unless it is the agent that runs the task
+        torch.manual_seed(args.seed + distributed.rank())  # weights come from rank 0 (DDP broadcasts them)
+        with distributed.main_first():  # the tokenizer and the token cache are made once, by rank 0
+            splits = load_data(parser, args, tokenizer)
         if splits.tokenizer.vocab_size != args.vocab_size:  # the text allows fewer merges (data.py says so)
             args.vocab_size = splits.tokenizer.vocab_size
             tracker.update_flags({"vocab_size": args.vocab_size})
@@ -737,6 +780,9 @@ def run(argv: list[str], stop: StopFlag) -> int:
             early_abort = compare.EarlyAbort.against(args, splits.tag, splits.tokenizer.fingerprint)
         except compare.CompareError as e:
             parser.error(f"--baseline {args.baseline}: {e}")
+    except tracking.QueueError as e:
+        tracker.close("failed", str(e), quiet=True)
+        parser.error(str(e))
     except SystemExit:  # a mistake in the data or the edited flags, explained on stderr: its line stays the last
         tracker.close("failed", "refused before training", quiet=True)
         raise
@@ -771,7 +817,8 @@ def train(
 ) -> int:
     tokenizer = splits.tokenizer
     tokenizer_path = out_dir / "tokenizer.json"
-    tokenizer.save(tokenizer_path)
+    if distributed.is_main():
+        tokenizer.save(tokenizer_path)
     batches = Batches(splits.train, args, device, checkpoint["rng"]["batches"] if checkpoint else None)
     step, best_val, best_train, saved_step = 0, float("inf"), float("inf"), None
     if checkpoint:
@@ -779,11 +826,12 @@ def train(
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-    step_model = torch.compile(model) if args.compile else model
+    eval_model = torch.compile(model) if args.compile else model
+    step_model = distributed.wrap(eval_model, device)  # DDP for the training steps only
     scaler = torch.amp.GradScaler(enabled=dtype == "float16")
     val_text_tokens, val_text_bytes = text_only(splits.val, splits.val_bytes, tokenizer)
 
-    record = tracking.RunRecord(out_dir)
+    record = tracking.RunRecord(out_dir) if distributed.is_main() else tracking.NoTracker()  # rank 0 writes it
     record.start(tracker, vars(args), splits.tag, tokenizer.fingerprint, tokenizer.vocab_size, step, bool(checkpoint))
     abort_reason = None
     print(
@@ -791,6 +839,13 @@ def train(
         f"dtype {dtype}, run folder {out_dir}",
         flush=True,
     )
+    world = distributed.world_size()  # used, rather than the recorded args.world_size, which Args may override
+    if world > 1:
+        print(
+            f"world size {world}: global batch {args.batch_size * args.grad_accum * world} sequences "
+            f"(--batch_size {args.batch_size} x --grad_accum {args.grad_accum} x {world} ranks)",
+            flush=True,
+        )
 
     def checkpoint_state() -> dict:
         return {
@@ -812,7 +867,8 @@ def train(
 
     def save() -> None:
         nonlocal saved_step
-        ckpt.save(out_dir / ckpt.CHECKPOINT, checkpoint_state())
+        if distributed.is_main():
+            ckpt.save(out_dir / ckpt.CHECKPOINT, checkpoint_state())
         saved_step = step
 
     def kept() -> str:
@@ -823,20 +879,22 @@ def train(
     def evaluate(final: bool = False) -> None:
         nonlocal best_val, abort_reason
         with stop.allowing_interrupts():
-            losses = estimate_loss(step_model, splits, args, device, autocast)
+            losses = estimate_loss(eval_model, splits, args, device, autocast)
             bpb = bits_per_byte(losses["val_text"], val_text_tokens, val_text_bytes)
             tracker.report_scalar("Loss", "train", losses["train"], step)
             tracker.report_scalar("Loss", "val", losses["val"], step)
             tracker.report_scalar("BPB", "val", bpb, step)
             best_val = min(best_val, losses["val"])
             tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            sample = tracking.clean_sample(generate_sample(model, tokenizer, args, device, autocast))
-            tqdm.write(f"--- Generated Sample (step {step}) ---\n{sample}\n---")
-            tracker.report_sample(sample, step, losses["val"])
+            sample = ""
+            if distributed.is_main():
+                sample = tracking.clean_sample(generate_sample(model, tokenizer, args, device, autocast))
+                tqdm.write(f"--- Generated Sample (step {step}) ---\n{sample}\n---")
+                tracker.report_sample(sample, step, losses["val"])
         lr_now = learning_rate(step, args)
         record.evaluation(step, step * tokens_per_step, losses["train"], losses["val"], bpb, lr_now, sample)
         if early_abort and not final and not abort_reason and (abort_reason := early_abort.check(step, losses["val"])):
-            tracker.task.add_tags([compare.WORSE_THAN_BASELINE])
+            tracker.add_tags([compare.WORSE_THAN_BASELINE])
             stop.requested = True  # stop as Ctrl+C would: after this step, checkpoint kept, status aborted
 
     def fix_steps_from_budget(eval_seconds: float) -> None:
@@ -856,7 +914,7 @@ def train(
         batches.restart(undo[2])
         torch.set_rng_state(undo[3])
         steps = max(1, int(args.max_seconds / (per_step + eval_seconds / args.eval_interval)))
-        args.max_steps = min(args.max_steps, step + steps)
+        args.max_steps = distributed.share(min(args.max_steps, step + steps))  # rank 0's timing decides for all
         tracker.update_flags({"max_steps": args.max_steps})
         if early_abort:
             early_abort.first_step = args.abort_after * args.max_steps
@@ -866,8 +924,9 @@ def train(
         )
 
     checkpoint_interval = args.checkpoint_interval or args.eval_interval
-    tokens_per_step = args.batch_size * args.grad_accum * args.block_size
+    tokens_per_step = args.batch_size * args.grad_accum * args.block_size * world
     peak = peak_flops(device)
+    peak = peak * world if peak else None
     status, message, exit_code = "completed", "", 0
     evaluated_at = step if checkpoint else None  # a resumed run was evaluated at its saved step already
     pending, clock, timed_steps, bar = [], None, 0, None
@@ -880,7 +939,7 @@ def train(
                 evaluated_at = step
             else:  # timed only: a resumed run was evaluated at this step already
                 with stop.allowing_interrupts():
-                    estimate_loss(step_model, splits, args, device, autocast)
+                    estimate_loss(eval_model, splits, args, device, autocast)
                     generate_sample(model, tokenizer, args, device, autocast)
             fix_steps_from_budget(time.perf_counter() - started)
         if args.warmup_steps is None:
@@ -909,10 +968,12 @@ def train(
             else:
                 timed_steps += 1
             due = step % args.eval_interval == 0 or step % checkpoint_interval == 0 or step == args.max_steps
-            if len(pending) < args.log_interval and not due and not stop.requested:
+            stopping = distributed.any_rank(stop.requested)  # every rank stops at the same step
+            if len(pending) < args.log_interval and not due and not stopping:
                 continue
-            # Once per log interval, and before evaluations and checkpoints: the losses come off the device.
-            losses, first = torch.stack(pending).float().tolist(), step - len(pending) + 1
+            # Once per log interval, and before evaluations and checkpoints: the losses come off the device
+            # (averaged over ranks, so every rank sees the same losses and decides alike on divergence).
+            losses, first = distributed.average(torch.stack(pending).float()).tolist(), step - len(pending) + 1
             pending = []
             synchronize(device)
             tokens_per_s = tokens_per_step * timed_steps / (time.perf_counter() - clock) if timed_steps else 0.0
@@ -933,7 +994,7 @@ def train(
                 best_train = min(best_train, loss)
             if status == "failed":
                 break
-            if stop.requested:
+            if stopping:
                 status, exit_code, message = "aborted", EXIT_ABORTED, abort_reason or f"interrupted at step {step}"
                 break
         bar.close()
@@ -960,6 +1021,7 @@ def train(
     except Exception as e:
         exit_code, message = failure(e, step, kept(), out_dir)
         status = "failed"
+        distributed.failure(message)
     finally:
         if bar is not None:
             bar.close()
@@ -981,6 +1043,8 @@ def failure(error: Exception, step: int, kept: str, out_dir: Path) -> tuple[int,
     with contextlib.suppress(OSError), open(log, "a") as f:
         f.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} step {step}\n{traceback.format_exc()}\n")
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if distributed.peer_lost(error):
+        return EXIT_PEER_LOST, f"another process of this run stopped at step {step}; {kept}"
     if isinstance(error, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in text:
         return EXIT_OUT_OF_MEMORY, f"out of memory at step {step}; {kept}; try a smaller --batch_size (details: {log})"
     if isinstance(error, OSError):

@@ -32,6 +32,10 @@ Design choices:
 - ClearML's own reseeding of torch at `Task.init` is off: it would undo the RNG state a resumed run restores.
 - Framework auto-logging is off: the checkpoint is registered once, explicitly, as the task's output model.
 - Offline sessions are marked completed when imported, so an aborted or failed run also gets a tag saying so.
+- Under torchrun only global rank 0 creates a task; the other ranks hold a `NoTracker`. (ClearML would otherwise
+  attach local ranks to their node's task by itself, and create one task per node.)
+- `--queue` hands the task, its flags connected, to clearml-agent with `Task.execute_remotely`; on the agent the
+  same call does nothing and the run trains there.
 """
 
 import ast
@@ -55,6 +59,7 @@ from clearml import OutputModel, Task
 from clearml.backend_api import Session
 from clearml.backend_api.session.defs import ENV_ACCESS_KEY, ENV_SECRET_KEY
 from clearml.backend_config.defs import LOCAL_CONFIG_FILE_OVERRIDE_VAR, LOCAL_CONFIG_FILES
+from clearml.backend_interface.util import get_queue_id
 from clearml.config import config_obj, running_remotely
 from clearml.utilities.pyhocon import ConfigFactory
 from clearml.utilities.resource_monitor import ResourceMonitor
@@ -204,6 +209,20 @@ class MachineMonitor(ResourceMonitor):
             self._gpustat = None
 
 
+class QueueError(Exception):
+    """A run that cannot be handed to a queue; the message is one line for the user."""
+
+
+class NoTracker:
+    """Stands in for Tracker where nothing is reported (every torchrun rank but 0): no task, every call does nothing."""
+
+    task_id = None
+    offline = True
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
 class Tracker:
     """A ClearML Task and the few things a training run reports to it."""
 
@@ -273,6 +292,9 @@ class Tracker:
     def task_id(self) -> str:
         return self.task.id
 
+    def add_tags(self, tags: list[str]) -> None:
+        self.task.add_tags(tags)
+
     def update_flags(self, changed: dict) -> None:
         """Flags the run settled after they were connected (a default that depends on others, a step count)."""
         for name, value in changed.items():
@@ -294,6 +316,21 @@ class Tracker:
         if "offline" in flags:
             values["offline"] = flags["offline"]
         return values
+
+    def enqueue(self, queue: str) -> None:
+        """Hand the task to the clearml-agents listening on `queue` and end this process (exit 0); the agent re-runs
+        it from its commit, diff and Args. Running on the agent, this does nothing."""
+        if running_remotely():
+            return
+        if self.offline:
+            raise QueueError(f"--queue {queue}: the ClearML server does not answer, so the run cannot be queued")
+        if get_queue_id(self.task.session, queue) is None:
+            raise QueueError(
+                f"--queue {queue}: the ClearML server has no such queue; create it in the web UI (Workers & Queues) "
+                f"or start an agent with: clearml-agent daemon --queue {queue} --create-queue"
+            )
+        say(f"task {self.task.id} queued on {queue!r}; an agent listening on it runs it (results in the web UI)")
+        self.task.execute_remotely(queue_name=queue, exit_process=True)
 
     def report_scalar(self, title: str, series: str, value: float, step: int) -> None:
         self.logger.report_scalar(title, series, value=value, iteration=step)

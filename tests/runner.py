@@ -14,7 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TEST_DATA = ROOT / "tests" / "data"
 TRAIN_SAMPLE = TEST_DATA / "tinystories-train-sample.txt"
 VALID_SAMPLE = TEST_DATA / "tinystories-valid-sample.txt"
-PROJECT_FILES = ("main.py", "model.py", "data.py", "tokenizer.py", "tracking.py", "checkpoint.py", "compare.py")
+PROJECT_FILES = (
+    "main.py",
+    "model.py",
+    "data.py",
+    "tokenizer.py",
+    "tracking.py",
+    "checkpoint.py",
+    "compare.py",
+    "distributed.py",
+)
 TINY_MODEL = [
     "--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64",
     "--batch_size", "16", "--vocab_size", "512", "--sample_tokens", "20",
