@@ -916,6 +916,8 @@ def train(
         steps = max(1, int(args.max_seconds / (per_step + eval_seconds / args.eval_interval)))
         args.max_steps = distributed.share(min(args.max_steps, step + steps))  # rank 0's timing decides for all
         tracker.update_flags({"max_steps": args.max_steps})
+        if default_warmup:
+            args.warmup_steps = min(WARMUP_STEPS, int(WARMUP_SHARE * args.max_steps))
         if early_abort:
             early_abort.first_step = args.abort_after * args.max_steps
         tqdm.write(
@@ -923,6 +925,9 @@ def train(
             f"not counted), so --max_steps {args.max_steps}, recorded: rerun with it to reproduce this run"
         )
 
+    default_warmup = args.warmup_steps is None  # then it follows the step count, which --max_seconds may change
+    if default_warmup:
+        args.warmup_steps = min(WARMUP_STEPS, int(WARMUP_SHARE * args.max_steps))
     checkpoint_interval = args.checkpoint_interval or args.eval_interval
     tokens_per_step = args.batch_size * args.grad_accum * args.block_size * world
     peak = peak_flops(device)
@@ -942,8 +947,7 @@ def train(
                     estimate_loss(eval_model, splits, args, device, autocast)
                     generate_sample(model, tokenizer, args, device, autocast)
             fix_steps_from_budget(time.perf_counter() - started)
-        if args.warmup_steps is None:
-            args.warmup_steps = min(WARMUP_STEPS, int(WARMUP_SHARE * args.max_steps))
+        if default_warmup:
             tracker.update_flags({"warmup_steps": args.warmup_steps})
         bar = tqdm(total=args.max_steps, initial=step, desc="training", dynamic_ncols=True, mininterval=1.0)
         while step < args.max_steps:
