@@ -64,6 +64,8 @@ from clearml.config import config_obj, running_remotely
 from clearml.utilities.pyhocon import ConfigFactory
 from clearml.utilities.resource_monitor import ResourceMonitor
 
+import data
+
 SERVER_TIMEOUT_S = 3.0
 SAMPLE_TITLE = "Generated Sample"
 SAMPLE_TABLE_ROWS = 500  # the table is sent whole at each evaluation; the latest rows are the ones worth the bytes
@@ -419,7 +421,7 @@ class RunRecord:
             "world_size": 1,
             "started": datetime.now().astimezone().isoformat(timespec="seconds"),
         }
-        write_atomically(self.header_path, json.dumps(header, indent=1, default=str) + "\n")
+        data.write_atomic(self.header_path, (json.dumps(header, indent=1, default=str) + "\n").encode())
         self.append({"event": "status", "status": "running", "step": step})
 
     def evaluation(self, step: int, tokens: int, loss_train: float, loss_val: float, bpb: float, lr: float,
@@ -478,17 +480,3 @@ def last_elapsed(metrics_path: Path) -> float:
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 elapsed = float(json.loads(line).get("elapsed", elapsed))
     return elapsed
-
-
-def write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -92,9 +92,10 @@ def test_resume_equals_uninterrupted(project):
 def test_kill_9_keeps_the_last_checkpoint_whole(project):
     """Checkpointing at every step, SIGKILL lands during or between writes; what is on disk always loads."""
     checkpoint_path = project.path / "RUN" / "ckpt.pt"
+    flags = [*QUICK, "--max_steps", "100000", "--checkpoint_interval", "1", "--out_dir", "RUN"]
     for delay in (0.0, 0.35, 0.8):  # each run is killed once it has written a checkpoint of its own
         before = checkpoint_path.stat().st_mtime_ns if checkpoint_path.exists() else 0
-        process = project.start(*QUICK, "--max_steps", "100000", "--checkpoint_interval", "1", "--out_dir", "RUN")
+        process = project.start(*flags) if before == 0 else project.start("--resume", "RUN")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and (
             not checkpoint_path.exists() or checkpoint_path.stat().st_mtime_ns == before
@@ -103,23 +104,11 @@ def test_kill_9_keeps_the_last_checkpoint_whole(project):
         time.sleep(delay)
         process.kill()
         process.wait()
+        assert checkpoint_path.stat().st_mtime_ns != before, "the run wrote no checkpoint of its own"
         checkpoint = torch.load(checkpoint_path, weights_only=False)
         assert checkpoint["step"] >= 1
     result = project.run("--resume", "RUN", "--max_steps", str(checkpoint["step"] + 3))
     assert result.returncode == 0, result.stderr[-2000:]
-
-
-def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(project):
-    flags = [*QUICK, "--learning_rate", "50", "--min_lr", "50", "--warmup_steps", "0", "--grad_clip", "0"]
-    result = project.run(*flags, "--max_steps", "500", "--checkpoint_interval", "1", "--out_dir", "RUN")
-    assert result.returncode == 1
-    assert "\ntraining diverged at step" in result.stderr
-    assert "Traceback" not in result.stderr
-    checkpoint = torch.load(project.path / "RUN" / "ckpt.pt", weights_only=False)
-    assert torch.isfinite(torch.tensor(checkpoint["best_val_loss"]))
-    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
-    [session] = project.sessions()
-    assert "failed" in session.task["tags"]
 
 
 def test_unreachable_server_falls_back_to_offline(project):
