@@ -753,6 +753,7 @@ def run(argv: list[str], stop: StopFlag) -> int:
     # The task starts once the flags are checked, so its console holds everything below; the run then goes on with
     # the flags as the task holds them (under clearml-agent, as edited in the web UI), checked again if they changed.
     tracker = start_tracking(parser, args, checkpoint) if main_rank else tracking.NoTracker()
+    stop.install()  # again: Task.init hooks SIGTERM to close the task first, which can hang; ours decide
     connected = argparse.Namespace(**tracker.connect(vars(args), flag_types(parser))) if main_rank else args
     connected = argparse.Namespace(**distributed.share(vars(connected)))
     try:

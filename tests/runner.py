@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEST_DATA = ROOT / "tests" / "data"
 TRAIN_SAMPLE = TEST_DATA / "tinystories-train-sample.txt"
 VALID_SAMPLE = TEST_DATA / "tinystories-valid-sample.txt"
+SERVED_TRAIN, SERVED_VALID = "TinyStories-train.txt", "TinyStories-valid.txt"  # names on a test TinyStories server
 PROJECT_FILES = (
     "main.py",
     "model.py",
@@ -28,6 +29,8 @@ TINY_MODEL = [
     "--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64",
     "--batch_size", "16", "--vocab_size", "512", "--sample_tokens", "20",
 ]  # fmt: skip
+# A quick run on stories.txt (see make_stories_project): evaluations every 10 steps, short samples.
+QUICK = [*TINY_MODEL, "--data", "stories.txt", "--eval_iters", "2", "--eval_interval", "10", "--sample_tokens", "5"]
 
 
 @dataclass
@@ -124,3 +127,10 @@ def wait_for_line(stream, needle: str, timeout: float) -> str:
         if needle in line:
             return "".join(seen)
     raise AssertionError(f"{needle!r} not seen within {timeout} s; got:\n{''.join(seen)}")
+
+
+def make_stories_project(tmp_path: Path, n_bytes: int = 400_000) -> Project:
+    """make_project, with the first n_bytes of the train sample as stories.txt."""
+    project = make_project(tmp_path)
+    (project.path / "stories.txt").write_bytes(TRAIN_SAMPLE.read_bytes()[:n_bytes])
+    return project

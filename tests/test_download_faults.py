@@ -15,27 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from http_server import FileServer
-from runner import ROOT, TINY_MODEL, TRAIN_SAMPLE, VALID_SAMPLE, make_project
+from runner import ROOT, SERVED_TRAIN, SERVED_VALID, TINY_MODEL, TRAIN_SAMPLE, make_project
 
 import data
 from tokenizer import Tokenizer
 
-TRAIN, VALID = "TinyStories-train.txt", "TinyStories-valid.txt"
+TRAIN, VALID = SERVED_TRAIN, SERVED_VALID
 TRAIN_BYTES = TRAIN_SAMPLE.read_bytes()
 ALL = 10**9  # more tokens than the file has: prepare all of it
 READ_TIMEOUT = 1.0
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.train(TRAIN_BYTES[:300_000].decode(), 512)
-
-
-@pytest.fixture
-def files(tmp_path) -> dict[str, Path]:
-    train = tmp_path / "served-train.txt"
-    train.write_bytes(TRAIN_BYTES)
-    return {TRAIN: train, VALID: VALID_SAMPLE}
 
 
 @pytest.fixture(autouse=True)

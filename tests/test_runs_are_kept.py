@@ -14,16 +14,12 @@ import time
 
 import pytest
 import torch
-from runner import TINY_MODEL, TRAIN_SAMPLE, make_project, wait_for_line
-
-QUICK = [*TINY_MODEL, "--data", "stories.txt", "--eval_iters", "2", "--eval_interval", "10", "--sample_tokens", "5"]
+from runner import QUICK, TINY_MODEL, TRAIN_SAMPLE, make_stories_project, wait_for_line
 
 
 @pytest.fixture
 def project(tmp_path):
-    project = make_project(tmp_path)
-    (project.path / "stories.txt").write_bytes(TRAIN_SAMPLE.read_bytes()[:400_000])
-    return project
+    return make_stories_project(tmp_path)
 
 
 def last_line(stderr: str) -> str:
