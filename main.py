@@ -45,6 +45,7 @@ if __name__ == "__main__":  # a signal while the imports below load: nothing to 
 
 import argparse
 import contextlib
+import copy
 import errno
 import inspect
 import math
@@ -900,7 +901,8 @@ def train(
 
     def fix_steps_from_budget(eval_seconds: float) -> None:
         """Time a few steps, undo them, and turn --max_seconds into --max_steps (recorded), so the run reproduces."""
-        undo = copy_state(model.state_dict()), copy_state(optimizer.state_dict()), batches.state, torch.get_rng_state()
+        model_state, optimizer_state = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+        batch_state, rng_state = batches.state, torch.get_rng_state()
         started = time.perf_counter()
         train_step(step_model, optimizer, scaler, batches, args, autocast)  # compiles, with --compile
         synchronize(device)
@@ -910,10 +912,10 @@ def train(
             train_step(step_model, optimizer, scaler, batches, args, autocast)
         synchronize(device)
         per_step = (time.perf_counter() - started) / BUDGET_PROBE_STEPS
-        model.load_state_dict(undo[0])
-        optimizer.load_state_dict(undo[1])
-        batches.restart(undo[2])
-        torch.set_rng_state(undo[3])
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        batches.restart(batch_state)
+        torch.set_rng_state(rng_state)
         steps = max(1, int(args.max_seconds / (per_step + eval_seconds / args.eval_interval)))
         args.max_steps = distributed.share(min(args.max_steps, step + steps))  # rank 0's timing decides for all
         tracker.update_flags({"max_steps": args.max_steps})
@@ -1056,12 +1058,6 @@ def failure(error: Exception, step: int, kept: str, out_dir: Path) -> tuple[int,
         what = "the disk is full" if error.errno == errno.ENOSPC else f"I/O error ({error.strerror or text})"
         return EXIT_IO, f"{what} at step {step}; {kept}, whole (details: {log})"
     return EXIT_BUG, f"unexpected error at step {step}: {type(error).__name__}: {text}; {kept} (traceback: {log})"
-
-
-def copy_state(state: dict) -> dict:
-    """A deep copy of a state dict whose tensors are cloned (optimizer states nest dicts of tensors)."""
-    return {k: copy_state(v) if isinstance(v, dict) else v.clone() if torch.is_tensor(v) else v
-            for k, v in state.items()}  # fmt: skip
 
 
 def peak_flops(device: str) -> float | None:
