@@ -67,8 +67,10 @@ from tqdm import tqdm
 import checkpoint as ckpt
 import compare
 import data
+import devices
 import distributed
 import tracking
+from errors import UsageError
 from model import ARCHS, GPT, GPTConfig, enable_tf32
 from tokenizer import Tokenizer
 
@@ -179,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup_steps",
         type=in_range(int, 0),
         default=None,
-        help=f"linear warmup steps (default: {WARMUP_STEPS}, at most {WARMUP_SHARE:.0%} of max_steps)",
+        help=f"linear warmup steps (default: {WARMUP_STEPS}, at most {WARMUP_SHARE * 100:.0f}%% of max_steps)",
     )
     g.add_argument(
         "--lr_decay_steps",
@@ -298,46 +300,6 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> dict:
     finally:
         for action in parser._actions:
             action.default = saved[action.dest]
-
-
-# -------------------------------------------------------------------------------------------------------------------
-# devices
-
-
-def pick_device(parser: argparse.ArgumentParser, name: str) -> str:
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if name == "auto":
-        return "cuda" if cuda else "mps" if mps else "cpu"
-    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
-        parser.error(f"--device {name} was asked for, but this machine has no {name.upper()} device; use --device cpu")
-    return name
-
-
-def autocast_context(parser: argparse.ArgumentParser, device: str, dtype: str):
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype == "float16" and device == "cpu":
-        parser.error("--dtype float16 needs a GPU; use float32 or bfloat16 on the CPU")
-    if dtype == "float32":
-        return dtype, contextlib.nullcontext()
-    return dtype, torch.autocast(device_type=device, dtype=getattr(torch, dtype))
-
-
-def available_memory(device: str) -> int | None:
-    """Bytes free for tensors on the device, where that can be known."""
-    if device == "cuda":
-        return torch.cuda.mem_get_info()[0]
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -605,7 +567,7 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argp
 
 def check_memory(parser: argparse.ArgumentParser, model: GPT, args: argparse.Namespace, device: str) -> None:
     """Refuse up front a batch whose training step cannot fit in the device's memory."""
-    needed, free = model.training_memory(args.batch_size), available_memory(device)
+    needed, free = model.training_memory(args.batch_size), devices.available_memory(device)
     if free is not None and needed > free:
         parser.error(
             f"--batch_size {args.batch_size} with --block_size {args.block_size}: a training step needs about "
@@ -691,8 +653,12 @@ def build_model(
 
 def check_system(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, str, object]:
     """The flags about this machine and the data file, checked: device, dtype and autocast."""
-    device = pick_device(parser, args.device)
-    dtype, autocast = autocast_context(parser, device, args.dtype)
+    try:
+        device = devices.pick_device(args.device)
+        dtype = devices.pick_dtype(device, args.dtype)
+    except UsageError as e:
+        parser.error(str(e))
+    autocast = devices.autocast(device, dtype)
     if args.data != "tinystories":
         try:
             data.check_text_file(Path(args.data).expanduser().resolve())
@@ -905,12 +871,12 @@ def train(
         batch_state, rng_state = batches.state, torch.get_rng_state()
         started = time.perf_counter()
         train_step(step_model, optimizer, scaler, batches, args, autocast)  # compiles, with --compile
-        synchronize(device)
+        devices.synchronize(device)
         first = time.perf_counter() - started
         started = time.perf_counter()
         for _ in range(BUDGET_PROBE_STEPS):
             train_step(step_model, optimizer, scaler, batches, args, autocast)
-        synchronize(device)
+        devices.synchronize(device)
         per_step = (time.perf_counter() - started) / BUDGET_PROBE_STEPS
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
@@ -933,7 +899,7 @@ def train(
         args.warmup_steps = min(WARMUP_STEPS, int(WARMUP_SHARE * args.max_steps))
     checkpoint_interval = args.checkpoint_interval or args.eval_interval
     tokens_per_step = args.batch_size * args.grad_accum * args.block_size * world
-    peak = peak_flops(device)
+    peak = devices.peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None
     peak = peak * world if peak else None
     status, message, exit_code = "completed", "", 0
     evaluated_at = step if checkpoint else None  # a resumed run was evaluated at its saved step already
@@ -960,7 +926,7 @@ def train(
             if step % checkpoint_interval == 0 and step not in (0, saved_step):
                 save()
             if clock is not None and timed_steps == 0:  # evaluations and checkpoints are not timed
-                synchronize(device)
+                devices.synchronize(device)
                 clock = time.perf_counter()
             lr = set_learning_rate(optimizer, step, args)
             compile_start = time.perf_counter() if clock is None else None
@@ -968,7 +934,7 @@ def train(
             step += 1
             bar.update(1)
             if clock is None:  # the first step compiles and warms up: it is not timed
-                synchronize(device)
+                devices.synchronize(device)
                 clock = time.perf_counter()
                 if args.compile:
                     tqdm.write(f"compiling took {clock - compile_start:.1f} s (the first step; not timed)")
@@ -982,7 +948,7 @@ def train(
             # (averaged over ranks, so every rank sees the same losses and decides alike on divergence).
             losses, first = distributed.average(torch.stack(pending).float()).tolist(), step - len(pending) + 1
             pending = []
-            synchronize(device)
+            devices.synchronize(device)
             tokens_per_s = tokens_per_step * timed_steps / (time.perf_counter() - clock) if timed_steps else 0.0
             timed_steps = 0
             for offset, loss in enumerate(losses):
@@ -1058,17 +1024,6 @@ def failure(error: Exception, step: int, kept: str, out_dir: Path) -> tuple[int,
         what = "the disk is full" if error.errno == errno.ENOSPC else f"I/O error ({error.strerror or text})"
         return EXIT_IO, f"{what} at step {step}; {kept}, whole (details: {log})"
     return EXIT_BUG, f"unexpected error at step {step}: {type(error).__name__}: {text}; {kept} (traceback: {log})"
-
-
-def peak_flops(device: str) -> float | None:
-    """Dense bf16 peak of known GPUs, for MFU; None where no fair figure is known."""
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("4090", 165e12), ("3090", 71e12)):
-        if key in name:
-            return flops
-    return None
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ PROJECT_FILES = (
     "checkpoint.py",
     "compare.py",
     "distributed.py",
+    "devices.py",
+    "errors.py",
 )
 TINY_MODEL = [
     "--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64",
