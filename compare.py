@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from errors import UsageError
 from tokenizer import Tokenizer
 
 WORSE_THAN_BASELINE = "worse-than-baseline"
@@ -48,7 +49,7 @@ CELL_WIDTH = 40
 SAMPLE_FIELD = ', "sample": '  # tracking.RunRecord writes an evaluation's sample as its last field
 
 
-class CompareError(Exception):
+class CompareError(UsageError):
     """A mistake in what was asked to compare; the message is one line for the user."""
 
 

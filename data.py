@@ -52,6 +52,7 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
 
+from errors import UsageError
 from tokenizer import Tokenizer
 
 DEFAULT_TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main"
@@ -74,7 +75,7 @@ WEB_PAGE_TYPES = ("text/html", "application/xhtml+xml", "application/json", "app
 PROGRESS_DELAY = 1.0  # seconds before a progress bar shows: quick steps stay quiet
 
 
-class DataError(Exception):
+class DataError(UsageError):
     """A mistake in the data the user gave, or a download that cannot be done; the message is one line."""
 
 
@@ -111,6 +112,32 @@ def get_batch(
     if torch.device(device).type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+class Batches:
+    """Training batches drawn from the seed, one fetched ahead so its copy to the GPU overlaps the current step.
+
+    `state` is the generator's state before the batch held ahead: a resumed run draws that batch again."""
+
+    def __init__(self, tokens: np.ndarray, cfg, device: str, state: torch.Tensor | None = None):
+        self.tokens, self.cfg, self.device = tokens, cfg, device
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.restart(self.generator.get_state() if state is None else state)
+
+    def _draw(self):
+        self.state = self.generator.get_state()
+        part, parts = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        return get_batch(self.tokens, self.cfg.batch_size, self.cfg.block_size, self.generator, self.device,
+                         part=part, parts=parts)  # fmt: skip
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, self.ahead = self.ahead, self._draw()
+        return batch
+
+    def restart(self, state: torch.Tensor) -> None:
+        """Draw again from a state taken earlier (`state`)."""
+        self.generator.set_state(state)
+        self.ahead = self._draw()
 
 
 def iter_eval_batches(

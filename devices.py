@@ -10,6 +10,7 @@ Design choices:
 """
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
@@ -88,3 +89,23 @@ def peak_flops(device_name: str) -> float | None:
         if key in device_name:
             return flops
     return None
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where a run computes: the device and the autocast dtype it resolved to."""
+
+    device: str
+    dtype: str
+
+    def autocast(self):
+        return autocast(self.device, self.dtype)
+
+    @property
+    def name(self) -> str:
+        """The device as the record names it: the GPU's model on CUDA."""
+        return torch.cuda.get_device_name() if self.device == "cuda" else self.device
+
+    @property
+    def peak_flops(self) -> float | None:
+        return peak_flops(self.name) if self.device == "cuda" else None

@@ -193,3 +193,12 @@ def sync_gradients(model: torch.nn.Module, now: bool):
     if now or not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+def gather(value) -> list:
+    """Every process's `value` (any picklable object), in rank order, on every process."""
+    if not active():
+        return [value]
+    values = [None] * world_size()
+    collective(lambda: dist.all_gather_object(values, value))
+    return values

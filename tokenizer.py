@@ -179,15 +179,34 @@ class Tokenizer:
     # ---------------------------------------------------------------------------------------------------------------
     # files
 
+    def to_json(self) -> str:
+        payload = {"format": FORMAT, "pattern": SPLIT_PATTERN, "special_tokens": list(self.SPECIAL_TOKENS),
+                   "merges": self.merges}  # fmt: skip
+        return json.dumps(payload)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "the tokenizer") -> "Tokenizer":
+        """The tokenizer in `text` (as to_json writes it); ValueError naming `where` for anything else."""
+        try:
+            payload = json.loads(text)
+            if payload["format"] != FORMAT or payload["pattern"] != SPLIT_PATTERN:
+                raise ValueError("another tokenizer format")
+            if tuple(payload["special_tokens"]) != cls.SPECIAL_TOKENS:
+                raise ValueError("other special tokens")
+            merges = [(int(a), int(b)) for a, b in payload["merges"]]
+            if any(not (0 <= a < 256 + i and 0 <= b < 256 + i) for i, (a, b) in enumerate(merges)):
+                raise ValueError("a merge refers to a token not yet made")
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{where} is not a tokenizer file of this program ({e})") from None
+        return cls(merges)
+
     def save(self, path: str | Path) -> None:
         """Write JSON to a temporary file beside `path`, then rename it into place."""
         path = Path(path)
-        payload = {"format": FORMAT, "pattern": SPLIT_PATTERN, "special_tokens": list(self.SPECIAL_TOKENS),
-                   "merges": self.merges}  # fmt: skip
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(payload, f)
+                f.write(self.to_json())
             os.replace(tmp, path)
         except BaseException:  # Ctrl+C included: leave no temporary file behind
             Path(tmp).unlink(missing_ok=True)
@@ -196,17 +215,10 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
         try:
-            payload = json.loads(Path(path).read_text(encoding="utf-8"))
-            if payload["format"] != FORMAT or payload["pattern"] != SPLIT_PATTERN:
-                raise ValueError("another tokenizer format")
-            if tuple(payload["special_tokens"]) != cls.SPECIAL_TOKENS:
-                raise ValueError("other special tokens")
-            merges = [(int(a), int(b)) for a, b in payload["merges"]]
-            if any(not (0 <= a < 256 + i and 0 <= b < 256 + i) for i, (a, b) in enumerate(merges)):
-                raise ValueError("a merge refers to a token not yet made")
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, ValueError) as e:
             raise ValueError(f"{path} is not a tokenizer file of this program ({e})") from None
-        return cls(merges)
+        return cls.from_json(text, str(path))
 
 
 def merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:

@@ -64,7 +64,9 @@ from clearml.config import config_obj, running_remotely
 from clearml.utilities.pyhocon import ConfigFactory
 from clearml.utilities.resource_monitor import ResourceMonitor
 
+import checkpoint
 import data
+from errors import UsageError
 
 SERVER_TIMEOUT_S = 3.0
 SAMPLE_TITLE = "Generated Sample"
@@ -72,7 +74,7 @@ SAMPLE_TABLE_ROWS = 500  # the table is sent whole at each evaluation; the lates
 SOURCE_DIR = Path(__file__).resolve().parent
 
 
-class ConfigError(Exception):
+class ConfigError(UsageError):
     """A ClearML configuration file that does not parse."""
 
 
@@ -211,7 +213,7 @@ class MachineMonitor(ResourceMonitor):
             self._gpustat = None
 
 
-class QueueError(Exception):
+class QueueError(UsageError):
     """A run that cannot be handed to a queue; the message is one line for the user."""
 
 
@@ -236,11 +238,10 @@ class Tracker:
         comment: str,
         offline: bool,
         continue_task_id: str | None = None,
-        samples: list[list] | None = None,
     ):
         """Start the task (raises ConfigError for a clearml.conf that does not parse, unless `offline`).
 
-        `continue_task_id`: the task of the run being resumed; `samples`: the rows of its samples table so far.
+        `continue_task_id`: the task of the run being resumed.
         """
         notes = []
         problem = config_problem()
@@ -288,7 +289,6 @@ class Tracker:
         self.logger = self.task.get_logger()
         for note in notes:  # printed before the task started: the console has them too
             self.logger.report_text(note, print_console=False)
-        self.samples = list(samples or [])
 
     @property
     def task_id(self) -> str:
@@ -337,26 +337,33 @@ class Tracker:
     def report_scalar(self, title: str, series: str, value: float, step: int) -> None:
         self.logger.report_scalar(title, series, value=value, iteration=step)
 
-    def report_sample(self, text: str, step: int, val_loss: float) -> None:
-        """The sample, cleaned, as a new row of the `Generated Sample` table in Plots and as a .txt debug sample."""
-        text = clean_sample(text)
-        self.samples.append([step, f"{val_loss:.4f}", text])
+    def report_sample(self, text: str, step: int, rows: list[list]) -> None:
+        """The sample as a .txt debug sample, and the `Generated Sample` table in Plots: `rows` are every
+        evaluation's [step, Loss/val, sample] so far, this one's last."""
         self.logger.report_table(
             SAMPLE_TITLE,
             "stories",
             iteration=step,
-            table_plot=[["step", "Loss/val", "sample"], *self.samples[-SAMPLE_TABLE_ROWS:]],
+            table_plot=[["step", "Loss/val", "sample"], *rows[-SAMPLE_TABLE_ROWS:]],
             extra_data={"columnwidth": [1, 1, 12]},
         )
         self.logger.report_media(
-            SAMPLE_TITLE, f"step {step}", iteration=step, stream=io.StringIO(text), file_extension=".txt"
+            SAMPLE_TITLE, f"step {step}", iteration=step, stream=io.StringIO(clean_sample(text)), file_extension=".txt"
         )
 
+    def report_score(self, title: str, scores: dict, step: int) -> None:
+        """An --eval_only score of the run's checkpoint at `step`: Scalars → `title`, series loss and bpb."""
+        for series in ("loss", "bpb"):
+            self.logger.report_scalar(title, series, value=scores[series], iteration=step)
+        self.logger.report_text(f"{title} at step {step}: loss {scores['loss']:.6f}, bpb {scores['bpb']:.6f}")
+
     def register_checkpoint(self, path: Path, tokenizer_path: Path, step: int) -> None:
-        """The checkpoint as the task's output model, the tokenizer as an artifact."""
+        """The checkpoint as the task's output model, the tokenizer as an artifact. Offline the model refers to
+        the run folder's file instead of copying it into the session (which would double the disk a run takes);
+        with a server it is uploaded."""
         model = OutputModel(task=self.task, name="checkpoint", framework="PyTorch")
         if self.offline:  # update_weights fails offline in clearml 2.1 (its DummyModel has no `locked`)
-            model._update_weights_offline(weights_filename=str(path), iteration=step)
+            model._update_weights_offline(register_uri=path.resolve().as_uri(), iteration=step)
         else:
             model.update_weights(weights_filename=str(path), iteration=step, auto_delete_file=False)
         self.task.upload_artifact("tokenizer", artifact_object=tokenizer_path, wait_on_upload=True)
@@ -383,13 +390,14 @@ class Tracker:
 class RunRecord:
     """The run's own record beside its checkpoint, readable with or without ClearML (compare.py reads it).
 
-    `run.json` is the header, written once (temporary file, then rename): what was run and where it is tracked.
-    `metrics.jsonl` holds one JSON event per line, appended, flushed and fsynced as it happens: status changes and
-    every evaluation. A kill -9 loses at most the line being written; readers skip a torn last line. A resumed run
-    appends to the same file, starting with a "resumed" event that holds the flags as used from then on.
+    `run.json` is the header, written once (temporary file, then rename): what was run, exactly as configured, and
+    where it is tracked. `metrics.jsonl` holds one JSON event per line, appended, flushed and fsynced as it happens:
+    status changes and every evaluation. A kill -9 loses at most the line being written; readers skip a torn last
+    line. A resumed run appends to the same file, starting with a "resumed" event that holds the configuration
+    from then on. Neither file is ever a symbolic link (one is refused, not followed).
     """
 
-    FORMAT = 1
+    FORMAT = 2
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -398,36 +406,35 @@ class RunRecord:
         self.elapsed_before = 0.0  # seconds recorded by earlier sessions of a resumed run
         self.started = time.monotonic()
 
-    def start(self, tracker: Tracker, flags: dict, dataset: str, tokenizer_fingerprint: str, vocab_size: int,
-              step: int, resumed: bool) -> None:  # fmt: skip
-        """Write the header of a new run, or mark where a resumed run continues its record."""
+    def start(self, tracker: Tracker, header: dict, step: int, resumed: bool) -> None:
+        """Write the header of a new run (`header`: run_id, flags and what was trained), or mark where a resumed
+        run continues its record."""
         clearml = clearml_location(tracker)
         if resumed and self.header_path.is_file():
             self.elapsed_before = last_elapsed(self.metrics_path)
-            self.append({"event": "resumed", "step": step, "flags": flags, "clearml": clearml})
+            self.append({"event": "resumed", "step": step, "flags": header["flags"], "clearml": clearml})
             return
-        for path in (self.header_path, self.metrics_path):  # a reused folder keeps the earlier run's record aside
-            if path.exists():
-                path.rename(path.with_name(f"{path.name}.replaced-{datetime.now():%Y%m%d-%H%M%S}"))
         commit, dirty = git_state(Path(sys.argv[0]).resolve().parent)
         header = {
             "format": self.FORMAT,
-            "hypothesis": flags.get("comment", ""),
-            "flags": flags,
-            "dataset": dataset,
-            "tokenizer": {"fingerprint": tokenizer_fingerprint, "vocab_size": vocab_size},
+            **header,
+            "hypothesis": header["flags"].get("comment", ""),
             "git": {"commit": commit, "dirty": dirty},
             "clearml": clearml,
-            "world_size": 1,
             "started": datetime.now().astimezone().isoformat(timespec="seconds"),
         }
         data.write_atomic(self.header_path, (json.dumps(header, indent=1, default=str) + "\n").encode())
         self.append({"event": "status", "status": "running", "step": step})
 
     def evaluation(self, step: int, tokens: int, loss_train: float, loss_val: float, bpb: float, lr: float,
-                   sample: str) -> None:  # fmt: skip
+                   tokens_per_s: float, sample: str) -> None:  # fmt: skip
         self.append({"event": "eval", "step": step, "tokens": tokens, "loss_train": loss_train, "loss_val": loss_val,
-                     "bpb": bpb, "lr": lr}, sample=sample)  # fmt: skip
+                     "bpb": bpb, "lr": lr, "tokens_per_s": tokens_per_s}, sample=sample)  # fmt: skip
+
+    def scored(self, step: int, data_flag: str, split: str, loss: float, bpb: float) -> None:
+        """An `--eval_only` score of the run's checkpoint at `step`."""
+        self.elapsed_before = last_elapsed(self.metrics_path)
+        self.append({"event": "eval_only", "step": step, "data": data_flag, "split": split, "loss": loss, "bpb": bpb})
 
     def status(self, status: str, message: str = "", step: int | None = None) -> None:
         """ "completed", "aborted" or "failed", with what happened."""
@@ -439,7 +446,7 @@ class RunRecord:
         if sample is not None:
             event["sample"] = sample  # last, so a reader that only wants the numbers can cut the line before it
         line = json.dumps(event, default=str) + "\n"  # one write of one whole line
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
+        with checkpoint.open_own_file(self.metrics_path, "a") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,18 +16,9 @@ TEST_DATA = ROOT / "tests" / "data"
 TRAIN_SAMPLE = TEST_DATA / "tinystories-train-sample.txt"
 VALID_SAMPLE = TEST_DATA / "tinystories-valid-sample.txt"
 SERVED_TRAIN, SERVED_VALID = "TinyStories-train.txt", "TinyStories-valid.txt"  # names on a test TinyStories server
-PROJECT_FILES = (
-    "main.py",
-    "model.py",
-    "data.py",
-    "tokenizer.py",
-    "tracking.py",
-    "checkpoint.py",
-    "compare.py",
-    "distributed.py",
-    "devices.py",
-    "errors.py",
-)
+PROJECT_FILES = [
+    f"{name}.py" for name in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
+]
 TINY_MODEL = [
     "--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64",
     "--batch_size", "16", "--vocab_size", "512", "--sample_tokens", "20",

@@ -86,7 +86,9 @@ def test_checkpoint_is_the_output_model(finished_run):
     project, result, session, _ = finished_run
     assert (project.path / "RUN" / "ckpt.pt").is_file()
     [model] = session.task["offline_output_models"]
-    assert model["weights"]["weights_filename"].endswith("ckpt.pt")
+    # The model refers to the run folder's checkpoint: the session holds no second copy of it.
+    assert model["weights"]["register_uri"] == (project.path / "RUN" / "ckpt.pt").resolve().as_uri()
+    assert not list(session.folder.rglob("*.pt"))
     assert "offline session" in result.stderr and "--import-offline-session" in result.stderr
 
 

@@ -64,9 +64,9 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 def test_readme_documents_every_flag():
-    import main
+    import flags
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    flags = {option for action in main.build_parser()._actions for option in action.option_strings}
+    flags = {option for action in flags.build_parser()._actions for option in action.option_strings}
     missing = {flag for flag in flags if flag.startswith("--") and f"`{flag}" not in readme and flag != "--no-bias"}
     assert not missing - {"--help"}

@@ -125,9 +125,10 @@ def test_unset_flags_are_typed_and_the_real_mode_is_recorded(runs):
     _, first, resumed = runs
     args = first.task["hyperparams"]["Args"]
     unset = {
-        name: (args[name]["value"], args[name].get("type")) for name in ("max_seconds", "lr_decay_steps", "resume")
+        name: (args[name]["value"], args[name].get("type")) for name in ("max_seconds", "baseline", "resume")
     }
-    assert unset == {"max_seconds": ("", "float"), "lr_decay_steps": ("", "int"), "resume": ("", "str")}
+    assert unset == {"max_seconds": ("", "float"), "baseline": ("", "str"), "resume": ("", "str")}
+    assert args["lr_decay_steps"]["value"] == args["max_steps"]["value"]  # a default that follows, as resolved
     assert args["offline"] == {**args["offline"], "value": "True", "type": "bool"}  # no --offline: no server
     assert resumed.task["hyperparams"]["Args"]["resume"]["value"] == "RUN"
 
@@ -206,15 +207,16 @@ SAMPLES_SCRIPT = """
 import json, sys
 import tracking
 
-def run(steps, samples):
-    tracker = tracking.Tracker("samples", "many", [], "", offline=True, samples=samples)
+def run(steps, rows):
+    tracker = tracking.Tracker("samples", "many", [], "", offline=True)
     for step in steps:
-        tracker.report_sample(f"story {step}\\r\\x00", step, 1.0 / (step + 1))
+        rows.append([step, f"{1.0 / (step + 1):.4f}", tracking.clean_sample(f"story {step}\\r\\x00")])
+        tracker.report_sample(rows[-1][2], step, rows)
     folder = tracker.task.get_offline_mode_folder()
     tracker.close("completed")
-    return tracker.samples, str(folder)
+    return rows, str(folder)
 
-rows, first = run(range(105), None)
+rows, first = run(range(105), [])
 _, resumed = run(range(105, 110), rows)
 print(json.dumps([first, resumed]))
 """

@@ -9,7 +9,11 @@ import torch
 from runner import TINY_MODEL, TRAIN_SAMPLE, make_project
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import data
+import loop
 import main
+from evaluation import bits_per_byte, text_only
+from flags import configuration
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -34,7 +38,7 @@ class SyncCounter(TorchDispatchMode):
 
 
 def flags(*extra: str):
-    return main.build_parser().parse_args(["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16",
+    return configuration(["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16",
                                            "--batch_size", "4", *extra])  # fmt: skip
 
 
@@ -43,14 +47,14 @@ def test_a_training_step_never_waits_for_the_device(optimizer):
     args = flags("--grad_accum", "2", "--optimizer", optimizer, "--warmup_steps", "2")
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32))
-    model_optimizer = main.build_optimizer(model, args, "cpu", None)
-    batches = main.Batches(np.random.default_rng(0).integers(0, 97, 5000).astype(np.uint16), args, "cpu")
+    model_optimizer = main.build_optimizer(model, args, "cpu")
+    batches = data.Batches(np.random.default_rng(0).integers(0, 97, 5000).astype(np.uint16), args, "cpu")
     scaler = torch.amp.GradScaler(enabled=False)
-    main.train_step(model, model_optimizer, scaler, batches, args, contextlib.nullcontext())  # creates the state
+    loop.train_step(model, model_optimizer, scaler, batches, args, contextlib.nullcontext())  # creates the state
     counters = [s["step"] for s in model_optimizer.state.values() if torch.is_tensor(s.get("step"))]
     with SyncCounter(counters) as counter:
-        main.set_learning_rate(model_optimizer, 3, args)
-        loss = main.train_step(model, model_optimizer, scaler, batches, args, contextlib.nullcontext())
+        loop.set_learning_rate(model_optimizer, 3, args)
+        loss = loop.train_step(model, model_optimizer, scaler, batches, args, contextlib.nullcontext())
     assert counter.ops > 100  # the step really ran under the counter
     assert counter.syncs == []
     assert loss.dim() == 0 and math.isfinite(loss.item())
@@ -58,7 +62,7 @@ def test_a_training_step_never_waits_for_the_device(optimizer):
 
 def test_learning_rate_schedule():
     args = flags("--learning_rate", "1e-3", "--min_lr", "1e-4", "--warmup_steps", "10", "--max_steps", "110")
-    lr = [main.learning_rate(step, args) for step in range(111)]
+    lr = [loop.learning_rate(step, args) for step in range(111)]
     assert lr[0] == pytest.approx(1e-3 / 11) and lr[9] == pytest.approx(1e-3 * 10 / 11)
     assert lr[10] == pytest.approx(1e-3)  # the cosine starts at the end of warmup
     assert lr[60] == pytest.approx((1e-3 + 1e-4) / 2)
@@ -70,10 +74,10 @@ def test_bits_per_byte_leaves_special_tokens_out():
     text = "The cat sat.\n<|endoftext|>\nA dog ran.\n<|endoftext|>\n"
     tokenizer = Tokenizer.train(text * 3, 260)
     ids = np.array(tokenizer.encode(text), dtype=np.uint16)
-    n_tokens, n_bytes = main.text_only(ids, len(text.encode()), tokenizer)
+    n_tokens, n_bytes = text_only(ids, len(text.encode()), tokenizer)
     # By hand: two <|endoftext|> tokens, each standing for 13 bytes of text.
     assert n_tokens == len(ids) - 2 and n_bytes == len(text.encode()) - 2 * 13
-    assert main.bits_per_byte(math.log(2), n_tokens, n_bytes) == pytest.approx(n_tokens / n_bytes)
+    assert bits_per_byte(math.log(2), n_tokens, n_bytes) == pytest.approx(n_tokens / n_bytes)
 
 
 @pytest.fixture

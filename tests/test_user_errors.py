@@ -8,6 +8,7 @@ import pytest
 import torch
 from runner import TINY_MODEL, TRAIN_SAMPLE, make_project
 
+import flags
 import main
 
 
@@ -17,7 +18,7 @@ def user_error(capsys, *argv: str) -> str:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert any(line.startswith("usage: ") for line in err)
-    assert err[-1].startswith(f"{main.build_parser().prog}: error: ")
+    assert err[-1].startswith(f"{flags.build_parser().prog}: error: ")
     return err[-1]
 
 
