@@ -124,9 +124,7 @@ def test_no_gpu_monitor_warnings_without_a_gpu(runs):
 def test_unset_flags_are_typed_and_the_real_mode_is_recorded(runs):
     _, first, resumed = runs
     args = first.task["hyperparams"]["Args"]
-    unset = {
-        name: (args[name]["value"], args[name].get("type")) for name in ("max_seconds", "baseline", "resume")
-    }
+    unset = {name: (args[name]["value"], args[name].get("type")) for name in ("max_seconds", "baseline", "resume")}
     assert unset == {"max_seconds": ("", "float"), "baseline": ("", "str"), "resume": ("", "str")}
     assert args["lr_decay_steps"]["value"] == args["max_steps"]["value"]  # a default that follows, as resolved
     assert args["offline"] == {**args["offline"], "value": "True", "type": "bool"}  # no --offline: no server
