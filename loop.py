@@ -186,6 +186,7 @@ def first_divergence(losses: list[float], state: TrainState, cfg) -> tuple[int, 
 def train(run: Run, state: TrainState) -> Outcome:
     """Train from state.step to max_steps, or until stopped; the state is checkpointed at the end."""
     cfg, pending, stopping = run.cfg, [], False
+    run.stop.interruptible = False  # a signal during a step stops the loop after the step
     evaluated_at = state.step if run.resumed else None  # a resumed run was evaluated at its saved step already
     with tqdm(total=cfg.max_steps, initial=state.step, desc="training", dynamic_ncols=True, mininterval=1.0) as bar:
         while state.step < cfg.max_steps:

@@ -5,6 +5,7 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import signal  # noqa: E402
 from pathlib import Path  # noqa: E402 (after the thread setting, which torch reads when it is imported)
 
 import pytest  # noqa: E402
@@ -25,3 +26,12 @@ def files(tmp_path) -> dict[str, Path]:
     train = tmp_path / "served-train.txt"
     train.write_bytes(TRAIN_SAMPLE.read_bytes())
     return {SERVED_TRAIN: train, SERVED_VALID: VALID_SAMPLE}
+
+
+@pytest.fixture(autouse=True)
+def own_signal_handlers():
+    """A test that runs main.main in-process installs the run's Ctrl+C handler: the worker gets its own back."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)

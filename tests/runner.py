@@ -2,9 +2,11 @@
 
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from dataclasses import dataclass
@@ -110,15 +112,33 @@ def make_project(tmp_path: Path) -> Project:
     return Project(repo, home, tmp_path / "cache")
 
 
-def wait_for_line(stream, needle: str, timeout: float) -> str:
-    """Read lines from a pipe until one contains `needle`; returns everything read."""
+def wait_for_line(stream, needle: str, timeout: float, exact: bool = False) -> str:
+    """Read lines from a pipe until one contains `needle` (or is `needle`, with `exact`); returns everything read.
+
+    The pipe is read in a thread that stops after that line, so the timeout holds however the program stalls."""
+    lines: queue.Queue = queue.Queue()
+
+    def matches(line: str) -> bool:
+        return line.rstrip("\n") == needle if exact else needle in line
+
+    def read() -> None:
+        for line in iter(stream.readline, ""):
+            lines.put(line)
+            if matches(line):
+                return
+        lines.put(None)  # the end of the pipe: the program closed it or ended
+
+    threading.Thread(target=read, daemon=True).start()
     seen, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = stream.readline()
-        if not line:
+    while True:
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0))
+        except queue.Empty:
+            break
+        if line is None:
             break
         seen.append(line)
-        if needle in line:
+        if matches(line):
             return "".join(seen)
     raise AssertionError(f"{needle!r} not seen within {timeout} s; got:\n{''.join(seen)}")
 

@@ -11,6 +11,8 @@ import time
 import pytest
 from runner import TINY_MODEL, TRAIN_SAMPLE, git, make_project
 
+from flags import ALL_FLAGS
+
 HYPOTHESIS = "Hypothesis: dropout 0.3 helps a tiny model"
 RUN_FLAGS = [
     *TINY_MODEL,
@@ -51,8 +53,10 @@ def test_task_identity_in_the_ui(finished_run):
 def test_every_flag_is_a_hyperparameter(finished_run):
     project, _, session, _ = finished_run
     args = session.task["hyperparams"]["Args"]
-    help_text = project.run("--help").stdout
-    flags = set(re.findall(r"^  --(\w+)", help_text, flags=re.M))
+    help_run = project.run("--help")
+    assert help_run.returncode == 0, help_run.stderr[-2000:]
+    flags = set(re.findall(r"^  --(\w+)", help_run.stdout, flags=re.M))
+    assert flags == {flag.name for flag in ALL_FLAGS}  # --help lists every flag
     assert flags <= set(args), flags - set(args)
     assert args["dropout"]["value"] == "0.3"
     assert args["learning_rate"]["value"] == "0.003"

@@ -163,8 +163,7 @@ def test_a_checkpoint_of_another_program_is_a_user_error(project):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_long_evaluation_is_left_within_seconds(project, signum):
     process = project.start(*QUICK, "--eval_iters", "100000", "--max_steps", "20", "--out_dir", "RUN")
-    wait_for_line(process.stdout, "parameters", timeout=60)
-    time.sleep(1.0)  # inside the first evaluation, which would take minutes
+    wait_for_line(process.stdout, "parameters", timeout=60)  # the first evaluation, which takes minutes, begins
     process.send_signal(signum)
     started = time.monotonic()
     _, stderr = process.communicate(timeout=30)
@@ -249,7 +248,6 @@ def test_two_ctrl_c_during_the_final_sample_still_close_the_task(project):
     process = project.start("--resume", "RUN", "--max_steps", "4", "--sample_tokens", "5000")
     wait_for_line(process.stdout, "step 4:", timeout=120)  # the final evaluation is done; its sample is running
     process.send_signal(signal.SIGINT)
-    time.sleep(0.3)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130 and "Traceback" not in stderr
