@@ -72,15 +72,20 @@ def estimate_loss(model: GPT, splits: data.Splits, cfg, device: str, autocast) -
 
 
 @torch.no_grad()
-def generate_sample(model: GPT, tokenizer: Tokenizer, cfg, device: str, autocast) -> str:
+def generate_samples(model: GPT, tokenizer: Tokenizer, cfg, device: str, autocast, count: int = 1) -> list[str]:
+    """`count` continuations of --prompt, drawn from --seed under a forked RNG (the run's own is left as it was)."""
     ids = tokenizer.encode(cfg.prompt) or [tokenizer.eot_id]
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    idx = torch.tensor([ids] * count, dtype=torch.long, device=device)
     model.eval()
     with torch.random.fork_rng(devices=[device] if device == "cuda" else []), autocast:
         torch.manual_seed(cfg.seed)
         out = model.generate(idx, cfg.sample_tokens, temperature=cfg.temperature, top_k=cfg.top_k)
     model.train()
-    return tokenizer.decode(out[0].tolist())
+    return [tokenizer.decode(row.tolist()) for row in out]
+
+
+def generate_sample(model: GPT, tokenizer: Tokenizer, cfg, device: str, autocast) -> str:
+    return generate_samples(model, tokenizer, cfg, device, autocast)[0]
 
 
 @torch.no_grad()

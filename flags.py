@@ -32,7 +32,17 @@ WARMUP_STEPS, WARMUP_SHARE = 100, 0.1  # default warmup: 100 steps, but never mo
 MIN_LR_SHARE = 0.1  # default --min_lr: a tenth of --learning_rate, as nanoGPT's
 # What a resumed run cannot change: the model's shape (every GPTConfig field but dropout) and the optimizer.
 FROZEN_FLAGS = (*(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout"), "optimizer")
-INVOCATION_FLAGS = ("resume", "new_data", "overwrite", "eval_only", "eval_split", "offline")  # not the run's
+INVOCATION_FLAGS = (
+    "resume",
+    "new_data",
+    "overwrite",
+    "eval_only",
+    "eval_split",
+    "offline",
+    "seeds",
+    "sample",
+    "num_samples",
+)  # about this invocation, not the run: never taken from a saved run
 
 
 class Number:
@@ -164,6 +174,14 @@ FLAGS = {
              action="store_true"),
         Flag("checkpoint_interval", None, "steps between checkpoints (default: eval_interval)", POSITIVE_INT),
     ],
+    "modes": [
+        Flag("seeds", None, "run this configuration once per seed, one after another, each in its own run folder "
+             "inside one group folder (--out_dir) and its own ClearML task, all tagged with the group",
+             Number(int, 0, SEED_MAX), nargs="+", metavar="SEED"),
+        Flag("sample", False, "with --resume RUN_DIR: generate from the trained model with --prompt and exit; "
+             "nothing is written", action="store_true"),
+        Flag("num_samples", 1, "with --sample: how many samples to generate", Number(int, 1, 1000)),
+    ],
 }  # fmt: skip
 ALL_FLAGS = [flag for group in FLAGS.values() for flag in group]
 
@@ -255,6 +273,8 @@ def check(cfg: Config) -> None:
     """The checks across flags; UsageError for the first that fails."""
     if cfg.eval_only and not cfg.resume:
         raise UsageError("--eval_only needs --resume RUN_DIR (the run to evaluate)")
+    if cfg.sample and not cfg.resume:
+        raise UsageError("--sample needs --resume RUN_DIR (the run to generate from)")
     if cfg.eval_split == "all" and (not cfg.eval_only or cfg.data == "tinystories"):
         raise UsageError("--eval_split all scores a whole local file: it needs --eval_only and --data FILE")
     if cfg.n_embd % cfg.n_head:
@@ -298,3 +318,21 @@ def configuration(argv: list[str], device: str = "cpu") -> Config:
     check(cfg)
     cfg = resolve_defaults(cfg, device)
     return resolve_schedule(cfg, cfg.max_steps)
+
+
+def to_argv(values: dict) -> list[str]:
+    """The command line that gives these flag values (the inverse of `parse` for the flags given)."""
+    argv = []
+    for flag in ALL_FLAGS:
+        if flag.name not in values or values[flag.name] is None:
+            continue
+        value = values[flag.name]
+        if flag.action == "store_true":
+            argv += [f"--{flag.name}"] if value else []
+        elif flag.action == "bool":
+            argv.append(f"--{flag.name}" if value else f"--no-{flag.name}")
+        elif flag.nargs:
+            argv += [f"--{flag.name}", *map(str, value)]
+        else:
+            argv += [f"--{flag.name}", repr(value) if isinstance(value, float) else str(value)]
+    return argv

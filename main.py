@@ -55,6 +55,7 @@ import ending
 import evaluation
 import flags
 import loop
+import seeds
 import tracking
 from ending import StopFlag, say
 from errors import UsageError
@@ -78,9 +79,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(argv: list[str], stop: StopFlag) -> int:
+    typed_now, _ = flags.parse(argv)
+    if typed_now.seeds or seeds.is_group(typed_now.resume):
+        return seeds.start(argv)
     cfg, saved, machine, probing = configure(argv)
     if cfg.eval_only:
         return score_only(cfg, saved, machine)
+    if cfg.sample:
+        return sample_only(cfg, saved, machine)
     if saved is not None and saved["step"] >= cfg.max_steps and not probing:
         say(f"the run in {cfg.resume} has trained its {saved['step']} steps: nothing to do (give a larger "
             "--max_steps, or --max_seconds, to train on)")  # fmt: skip
@@ -217,12 +223,13 @@ def load_data(cfg: Config, tokenizer: Tokenizer | None) -> data.Splits:
     return splits
 
 
-def build_model(cfg: Config, vocab_size: int, device: str, weights: dict | None) -> GPT:
-    """The model the configuration describes, on the device, with the saved weights when resuming."""
+def build_model(cfg: Config, vocab_size: int, device: str, weights: dict | None, training: bool = True) -> GPT:
+    """The model the configuration describes, on the device, with the saved weights when resuming; for training,
+    a batch whose step cannot fit in the device's memory is refused up front."""
     shape = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"}
     model = GPT(GPTConfig(vocab_size=vocab_size, **shape)).to(device)
     needed, free = model.training_memory(cfg.batch_size), devices.available_memory(device)
-    if free is not None and needed > free:
+    if training and free is not None and needed > free:
         raise UsageError(
             f"--batch_size {cfg.batch_size} with --block_size {cfg.block_size}: a training step needs about "
             f"{needed / 2**30:.1f} GiB, and {device} has {free / 2**30:.1f} GiB free; use a smaller --batch_size "
@@ -320,6 +327,17 @@ def score_only(cfg: Config, saved: dict, machine: devices.Machine) -> int:
         tracker.report_score(f"{flags.dataset_tag(cfg.data)} {cfg.eval_split}", scores, saved["step"])
         tracker.close("completed")
     print(f"val_loss={scores['loss']:.6f} val_bpb={scores['bpb']:.6f}", flush=True)
+    return ending.EXIT_DONE
+
+
+def sample_only(cfg: Config, saved: dict, machine: devices.Machine) -> int:
+    """--sample: --num_samples continuations of --prompt from the run's model, printed; nothing is written."""
+    tokenizer = Tokenizer.from_json(saved["tokenizer"], "the checkpoint's tokenizer")
+    model = build_model(cfg, tokenizer.vocab_size, machine.device, saved["model"], training=False)
+    texts = evaluation.generate_samples(model, tokenizer, cfg, machine.device, machine.autocast(), cfg.num_samples)
+    for i, text in enumerate(texts, 1):
+        print(f"--- sample {i} of {len(texts)} (step {saved['step']}, seed {cfg.seed}) ---", flush=True)
+        print(tracking.clean_sample(text), flush=True)
     return ending.EXIT_DONE
 
 
