@@ -52,6 +52,7 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
 
+from errors import UsageError
 from tokenizer import Tokenizer
 
 DEFAULT_TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main"
@@ -74,7 +75,7 @@ WEB_PAGE_TYPES = ("text/html", "application/xhtml+xml", "application/json", "app
 PROGRESS_DELAY = 1.0  # seconds before a progress bar shows: quick steps stay quiet
 
 
-class DataError(Exception):
+class DataError(UsageError):
     """A mistake in the data the user gave, or a download that cannot be done; the message is one line."""
 
 

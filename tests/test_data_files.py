@@ -18,6 +18,7 @@ import pytest
 from runner import ROOT, TRAIN_SAMPLE
 
 import data
+from errors import UsageError
 from tokenizer import Tokenizer
 
 COPIES = 2  # of the sample: long enough to interrupt while it is tokenized
@@ -51,6 +52,12 @@ def test_a_directory_a_fifo_and_a_device_each_get_their_own_message(tmp_path):
     assert error_of(tmp_path, cache) == f"--data {tmp_path}: is a directory, not a text file"
     assert "is a named pipe (FIFO)" in error_of(fifo, cache)
     assert error_of(Path("/dev/zero"), cache).startswith("--data /dev/zero: is a character device, not a text file")
+
+
+@pytest.mark.timeout(30)
+def test_a_data_error_is_a_usage_error_that_main_reports_in_one_line(tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        load(tmp_path / "missing.txt", tmp_path / "cache")
 
 
 def test_a_text_with_fewer_merges_than_asked_uses_and_says_its_real_vocabulary(tmp_path, capsys):
