@@ -15,7 +15,8 @@ Design choices:
   read past what we already have.
 - Nothing is kept that is not TinyStories text: an error status or a web page (a proxy's error page or a login
   wall answers 200 with HTML) is refused by its headers, and the text itself must be UTF-8 with a story end
-  within every STORY_BYTES. The error names the URL and what came back.
+  within every STORY_BYTES. A size (Content-Length) that is missing, not a number or past MAX_FILE_BYTES is
+  refused too. The error names the URL and what came back.
 - A cache is committed by rewriting its metadata (temporary file, then rename) after the tokens are flushed:
   readers trust only the recorded token count, so a run killed at any moment never leaves a cache that reads as
   whole. An exclusive `flock` serialises runs that prepare the same cache; whoever holds it first removes the
@@ -34,6 +35,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -73,6 +75,7 @@ RESUME_PAUSE = 1.0  # seconds before a resume, times the stalls in a row
 STORY_BYTES = 256 << 10  # TinyStories' stories are a few KB: this much text without a story end is not TinyStories
 WEB_PAGE_TYPES = ("text/html", "application/xhtml+xml", "application/json", "application/xml", "text/xml")
 PROGRESS_DELAY = 1.0  # seconds before a progress bar shows: quick steps stay quiet
+MAX_FILE_BYTES = 1 << 40  # a TinyStories file is about 2 GB: a size past a terabyte is a broken server's
 
 
 class DataError(UsageError):
@@ -455,9 +458,18 @@ def remote_file(session: requests.Session, url: str) -> dict:
         except requests.RequestException:
             body = b""
         raise refuse(url, response, body)
-    if "Content-Length" not in response.headers:
+    return dict(size=file_size(url, response), etag=response.headers.get("ETag", ""))
+
+
+def file_size(url: str, response: requests.Response) -> int:
+    """The size a HEAD answer gives, refused where it is missing, not a number, or absurd."""
+    text = response.headers.get("Content-Length")
+    if text is None:
         raise DataError(f"{url} does not say how large it is (no Content-Length); cannot stream it")
-    return dict(size=int(response.headers["Content-Length"]), etag=response.headers.get("ETag", ""))
+    if not re.fullmatch(r"[0-9]{1,20}", text.strip()) or int(text) > MAX_FILE_BYTES:
+        raise DataError(f"{url} gives no usable size (Content-Length: {text[:40]!r}), so it cannot be streamed; "
+                        f"{WHAT_TO_DO}")  # fmt: skip
+    return int(text)
 
 
 def stream_bytes(session: requests.Session, url: str, start: int, end: int) -> Iterator[bytes]:

@@ -78,6 +78,16 @@ def test_a_bad_answer_is_refused_kept_nowhere_and_a_good_server_then_gives_the_f
     assert np.array_equal(splits.train, splits.tokenizer.encode_array(TRAIN_BYTES.decode()))
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("length", ["abc", "-5", "", str(10**30), "9" * 5000])
+def test_a_size_that_is_not_a_size_is_one_line_naming_the_url(tmp_path, files, length):
+    with FileServer(files, headers={"Content-Length": length}) as server, pytest.raises(data.DataError) as refused:
+        load(server, tmp_path / "cache")
+    message = str(refused.value)
+    assert f"{server.url}/{TRAIN} gives no usable size (Content-Length: {length[:40]!r})" in message
+    assert "\n" not in message and kept_files(tmp_path / "cache") == []
+
+
 def test_text_that_is_not_utf8_is_refused(tmp_path, files):
     files[TRAIN].write_bytes(TRAIN_BYTES[:5000] + b"\xff\xfe binary \x00" + TRAIN_BYTES[5000:])
     with FileServer(files) as server, pytest.raises(data.DataError, match="not UTF-8 at byte 5,000"):
