@@ -10,9 +10,11 @@ Design choices:
   needs more continues with an HTTP Range request where the cache stops. Errors and overloaded servers (429, 5xx)
   are retried by urllib3 with back-off; read timeouts are not, since a body stalled mid-file is resumed anyway.
 - A cut or stalled connection is resumed by Range where it stopped: pieces are read as they arrive (`read1`), so a
-  cut loses no byte received. The resume budget counts tries in a row that brought no byte, so a link that keeps
-  making progress always finishes and a dead one fails within a few read timeouts. A server that ignores Range is
-  read past what we already have.
+  cut loses no byte received. The resume budget counts tries in a row that brought no byte, so a dead link fails
+  within a few read timeouts. Progress alone is not enough: over all its tries, a download must keep a floor rate
+  (RateFloor: 10 kB/s averaged over a minute by default), so a server that trickles a little on each connection and
+  then stalls fails within about two minutes instead of holding a run for hours, while a slow, steady link above
+  the floor finishes. A server that ignores Range is read past what we already have.
 - Nothing is kept that is not TinyStories text: an error status or a web page (a proxy's error page or a login
   wall answers 200 with HTML) is refused by its headers, and the text itself must be UTF-8 with a story end
   within every STORY_BYTES. A size (Content-Length) that is missing, not a number or past MAX_FILE_BYTES is
@@ -34,6 +36,7 @@ import codecs
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -41,9 +44,10 @@ import stat
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +76,8 @@ RETRIES = 5  # urllib3 retries per request (connection errors, 5xx, 429), with b
 TIMEOUT = (5, 10)  # connect, read seconds: a server silent for this long has stalled
 STALLS = 3  # resumes in a row that bring no byte before a download fails: a stall fails within ~45 s
 RESUME_PAUSE = 1.0  # seconds before a resume, times the stalls in a row
+MIN_RATE = 10_000  # bytes/s: a download slower than this, averaged over RATE_WINDOW, fails (TINYSTORIES_MIN_RATE)
+RATE_WINDOW = 60.0  # seconds (TINYSTORIES_RATE_WINDOW)
 STORY_BYTES = 256 << 10  # TinyStories' stories are a few KB: this much text without a story end is not TinyStories
 WEB_PAGE_TYPES = ("text/html", "application/xhtml+xml", "application/json", "application/xml", "text/xml")
 PROGRESS_DELAY = 1.0  # seconds before a progress bar shows: quick steps stay quiet
@@ -396,6 +402,72 @@ def http_session() -> requests.Session:
     return session
 
 
+@dataclass(frozen=True)
+class RateFloor:
+    """The slowest download accepted: fewer than `min_rate` bytes/s averaged over `window` seconds fails it
+    (0 turns the floor off). A link that brings a little on each connection and then stalls is slow, however
+    often it reconnects."""
+
+    min_rate: float = MIN_RATE
+    window: float = RATE_WINDOW
+
+    def __post_init__(self):
+        if self.min_rate < 0 or self.window <= 0:
+            raise ValueError(f"{self} needs min_rate >= 0 and window > 0")
+
+    @classmethod
+    def from_environment(cls) -> "RateFloor":
+        """The floor that TINYSTORIES_MIN_RATE (bytes/s) and TINYSTORIES_RATE_WINDOW (seconds) set, else the default."""
+        min_rate = environment_number("TINYSTORIES_MIN_RATE", MIN_RATE, "a rate in bytes per second (0 for none)")
+        window = environment_number("TINYSTORIES_RATE_WINDOW", RATE_WINDOW, "a number of seconds above 0", above=0)
+        return cls(min_rate, window)
+
+
+def environment_number(name: str, default: float, what: str, above: float | None = None) -> float:
+    """The finite number >= 0 (or > `above`) in environment variable `name`, or `default` where it is unset."""
+    text = os.environ.get(name, "").strip()
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf or (above is not None and value <= above):
+        raise DataError(f"{name}={text[:40]!r} is not {what}")
+    return value
+
+
+@dataclass
+class Link:
+    """How TinyStories is fetched: one session (retries, no compression) and the slowest rate accepted."""
+
+    session: requests.Session = field(default_factory=http_session)
+    floor: RateFloor = field(default_factory=RateFloor)
+
+
+class RateMeter:
+    """The bytes one download received over about its last `floor.window` seconds, across its reconnects."""
+
+    def __init__(self, url: str, floor: RateFloor):
+        self.url, self.floor, self.received = url, floor, 0
+        self.marks = deque([(time.monotonic(), 0)])  # (time, bytes received by then), about 60 a window
+
+    def count(self, n_bytes: int) -> None:
+        """Add bytes just received (0 after a try that failed); a DataError once the rate is below the floor."""
+        now, self.received = time.monotonic(), self.received + n_bytes
+        if now - self.marks[-1][0] >= self.floor.window / 60:
+            self.marks.append((now, self.received))
+        while len(self.marks) > 1 and now - self.marks[1][0] >= self.floor.window:
+            self.marks.popleft()
+        since, received_then = self.marks[0]
+        span = now - since
+        rate = (self.received - received_then) / span if span else 0.0
+        if self.floor.min_rate and span >= self.floor.window and rate < self.floor.min_rate:
+            raise DataError(
+                f"the download of {self.url} is too slow: {rate / 1e3:.2f} kB/s over the last {span:.0f} s, under the "
+                f"{self.floor.min_rate / 1e3:g} kB/s it must keep (TINYSTORIES_MIN_RATE); the token cache keeps what "
+                f"was prepared. Check the network, {WHAT_TO_DO}"
+            )
+
+
 WHAT_TO_DO = "point --tinystories_url (or TINYSTORIES_URL) at a mirror, or give --data a local .txt file"
 NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError)  # requests' own, and those of raw reads
 
@@ -440,11 +512,11 @@ def first_bytes(response: requests.Response, n: int = 200) -> bytes:
     return data
 
 
-def remote_file(session: requests.Session, url: str) -> dict:
+def remote_file(link: Link, url: str) -> dict:
     """Size and ETag of the file at url; an answer that is not the file (an error, a web page) is a DataError."""
     for stalls in range(STALLS + 1):
         try:
-            response = session.head(url, allow_redirects=True, timeout=TIMEOUT)
+            response = link.session.head(url, allow_redirects=True, timeout=TIMEOUT)
             break
         except requests.ReadTimeout as e:
             if stalls == STALLS:
@@ -472,19 +544,20 @@ def file_size(url: str, response: requests.Response) -> int:
     return int(text)
 
 
-def stream_bytes(session: requests.Session, url: str, start: int, end: int) -> Iterator[bytes]:
+def stream_bytes(link: Link, url: str, start: int, end: int) -> Iterator[bytes]:
     """Bytes [start, end) of url by Range requests. A cut or stalled connection is resumed where it stopped; the
-    download fails only after STALLS resumes in a row that brought no byte."""
-    stalls = 0
+    download fails after STALLS resumes in a row that brought no byte, or once it is slower than link.floor."""
+    stalls, meter = 0, RateMeter(url, link.floor)  # one meter over every try: a reconnect is not progress
     while start < end:
         began = start
         try:
             headers = {"Range": f"bytes={start}-{end - 1}"}
-            with session.get(url, headers=headers, stream=True, timeout=TIMEOUT) as response:
+            with link.session.get(url, headers=headers, stream=True, timeout=TIMEOUT) as response:
                 if answer_problem(response):
                     raise refuse(url, response, first_bytes(response))
                 skip = start if response.status_code == 200 else 0  # 200: the server ignored Range, sent it all
                 while start < end and (piece := response.raw.read1(STREAM_PIECE)):  # what has arrived, up to a piece
+                    meter.count(len(piece))
                     if skip:
                         piece, skip = piece[skip:], max(skip - len(piece), 0)
                     piece = piece[: end - start]
@@ -496,6 +569,7 @@ def stream_bytes(session: requests.Session, url: str, start: int, end: int) -> I
             error = "connection closed early"
         except NETWORK_ERRORS as e:
             error = type(e).__name__
+        meter.count(0)
         stalls = 0 if start > began else stalls + 1
         if stalls > STALLS:
             raise unreachable(url, f"stalled at byte {start:,}: {stalls} tries in a row brought nothing; {error}")
@@ -519,13 +593,13 @@ def decode_text(url: str, data: bytes, at: int) -> str:
         raise not_tinystories(url, problem, f"it sent {summary(data[max(e.start - 40, 0) :])}") from None
 
 
-def file_bytes(session: requests.Session, url: str, start: int, end: int, known: bytes) -> Iterator[bytes]:
+def file_bytes(link: Link, url: str, start: int, end: int, known: bytes) -> Iterator[bytes]:
     """Bytes [start, end) of url; those within `known`, the file's first bytes fetched earlier, from memory."""
     if start < len(known):
         yield known[start:end]
         start = min(end, len(known))
     if start < end:
-        yield from stream_bytes(session, url, start, end)
+        yield from stream_bytes(link, url, start, end)
 
 
 def commit_tokens(folder: Path, meta: dict, ids: np.ndarray, n_bytes: int) -> None:
@@ -543,7 +617,7 @@ def commit_tokens(folder: Path, meta: dict, ids: np.ndarray, n_bytes: int) -> No
 
 
 def extend_stream_cache(
-    session: requests.Session,
+    link: Link,
     url: str,
     remote: dict,
     folder: Path,
@@ -569,7 +643,7 @@ def extend_stream_cache(
             bytes_per_token = meta["bytes"] / meta["tokens"] if meta["tokens"] else BYTES_PER_TOKEN_GUESS
             wanted = int((needed_tokens - meta["tokens"]) * bytes_per_token * 1.1) + STREAM_PIECE
             window_end = min(size, fetched + min(max(wanted - len(pending), STREAM_PIECE), CHUNK_BYTES))
-            for piece in file_bytes(session, url, fetched, window_end, known):
+            for piece in file_bytes(link, url, fetched, window_end, known):
                 pending += piece
                 fetched += len(piece)
                 bar.update(len(piece))
@@ -583,7 +657,7 @@ def extend_stream_cache(
     return meta
 
 
-def tokenizer_prefix(session: requests.Session, url: str, remote: dict, folder: Path, n_bytes: int) -> bytes:
+def tokenizer_prefix(link: Link, url: str, remote: dict, folder: Path, n_bytes: int) -> bytes:
     """The first n_bytes of url cut at the last story end, for the tokenizer to learn from, kept in folder with
     the size and ETag of the file they came from. Where the file on the server is no longer that one, the prefix
     and every tokenizer learned from it are dropped and made again."""
@@ -595,7 +669,7 @@ def tokenizer_prefix(session: requests.Session, url: str, remote: dict, folder: 
     end = min(remote["size"], n_bytes)
     pieces = []
     with progress(f"tokenizer text from {url.rsplit('/', 1)[-1]}", end) as bar:
-        for piece in stream_bytes(session, url, 0, end):
+        for piece in stream_bytes(link, url, 0, end):
             pieces.append(piece)
             bar.update(len(piece))
     data = b"".join(pieces)
@@ -615,20 +689,23 @@ def load_tinystories(
     train_tokens: int,
     cache_dir: Path,
     tokenizer: Tokenizer | None = None,
+    rate_floor: RateFloor | None = None,
 ) -> Splits:
+    """The TinyStories splits at base_url, prepared as far as `train_tokens`; a download slower than `rate_floor`
+    (by default RateFloor.from_environment()) fails."""
     train_name, valid_name = TINYSTORIES_FILES[version]
     train_url, valid_url = (f"{base_url.rstrip('/')}/{name}" for name in (train_name, valid_name))
     folder = cache_dir / "tinystories" / digest(train_url)
-    session = http_session()
+    link = Link(floor=rate_floor or RateFloor.from_environment())
     with locked(folder):
-        train_remote, known = remote_file(session, train_url), b""
+        train_remote, known = remote_file(link, train_url), b""
         if tokenizer is None:
-            known = tokenizer_prefix(session, train_url, train_remote, folder, TOKENIZER_TRAIN_BYTES)
+            known = tokenizer_prefix(link, train_url, train_remote, folder, TOKENIZER_TRAIN_BYTES)
             tokenizer = cached_tokenizer(folder, known.decode(), vocab_size)
         train_folder, valid_folder = folder / tokenizer.fingerprint / "train", folder / tokenizer.fingerprint / "valid"
-        train = extend_stream_cache(session, train_url, train_remote, train_folder, tokenizer, train_tokens, known)
-        valid_remote = remote_file(session, valid_url)
-        valid = extend_stream_cache(session, valid_url, valid_remote, valid_folder, tokenizer, WHOLE_FILE)
+        train = extend_stream_cache(link, train_url, train_remote, train_folder, tokenizer, train_tokens, known)
+        valid_remote = remote_file(link, valid_url)
+        valid = extend_stream_cache(link, valid_url, valid_remote, valid_folder, tokenizer, WHOLE_FILE)
     return Splits(
         train=open_tokens(train_folder / "tokens.bin", train["tokens"]),
         val=open_tokens(valid_folder / "tokens.bin", valid["tokens"]),
