@@ -23,6 +23,9 @@ Design choices:
   readers trust only the recorded token count, so a run killed at any moment never leaves a cache that reads as
   whole. An exclusive `flock` serialises runs that prepare the same cache; whoever holds it first removes the
   temporary files and `.building-*` folders a killed run left there, since only a lock holder writes them.
+- A cache that does not match its record (a token file shorter than its meta.json says, a meta.json of another
+  shape or types, a tokenizer prefix cut short, a tokenizer file that does not load) is said in one line and made
+  again, never read: nothing in it is trusted beyond what its record and sizes agree on.
 - A local file's cache is keyed by its path, size, modification time, split and tokenizer; it is built in a
   temporary folder and renamed into place. Its last `val_fraction`, from a story boundary, is validation.
 - The tokenizer is trained on a bounded prefix of the training text and cached beside the tokens. For TinyStories
@@ -175,6 +178,30 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
+FILE_RECORD = dict(source=str, size=int, split=int, fingerprint=str, train_tokens=int, val_tokens=int, val_bytes=int)
+STREAM_RECORD = dict(url=str, size=int, etag=str, fingerprint=str, bytes=int, tokens=int)
+
+
+def read_record(path: Path, fields: dict[str, type]) -> dict | None:
+    """The JSON object at path where it holds each of `fields` with its type (whole numbers >= 0), else None."""
+    record = read_json(path)
+    if not isinstance(record, dict):
+        return None
+    for name, kind in fields.items():
+        value = record.get(name)
+        if type(value) is not kind or (kind is int and value < 0):
+            return None
+    return record
+
+
+def tokens_in(path: Path) -> int:
+    return path.stat().st_size // 2 if path.is_file() else 0
+
+
+def damaged(folder: Path, problem: str) -> None:
+    say(f"the token cache in {folder} is damaged ({problem}); it is made again")
+
+
 def open_tokens(path: Path, count: int) -> np.ndarray:
     if count == 0:
         return np.zeros(0, dtype=np.uint16)
@@ -222,6 +249,14 @@ def cut_after_last(data: bytes, marks: tuple[bytes, ...]) -> int:
     return 0
 
 
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def decode(data: bytes, where: str) -> str:
     try:
         return data.decode("utf-8")
@@ -243,10 +278,13 @@ def tokenize(tokenizer: Tokenizer, text: str) -> np.ndarray:
 def cached_tokenizer(folder: Path, text: str, vocab_size: int) -> Tokenizer:
     """The tokenizer learned from `text`, cached in folder; its vocab_size is below the one asked for where the
     text holds fewer distinct pairs to merge."""
-    path = folder / f"tokenizer-{vocab_size}.json"
+    path, tokenizer = folder / f"tokenizer-{vocab_size}.json", None
     if path.exists():
-        tokenizer = Tokenizer.load(path)
-    else:
+        try:
+            tokenizer = Tokenizer.load(path)
+        except ValueError as e:
+            say(f"{e}; it is trained again")
+    if tokenizer is None:
         say(f"training a {vocab_size}-token BPE tokenizer on {len(text.encode()) / 1e6:.1f} MB of text")
         tokenizer = Tokenizer.train(text, vocab_size)
         tokenizer.save(path)
@@ -357,7 +395,7 @@ def load_text_file(
                 prefix = f.read(min(split, TOKENIZER_TRAIN_BYTES)).decode("utf-8", errors="ignore")
             tokenizer = cached_tokenizer(folder, prefix, vocab_size)
         tokens = folder / tokenizer.fingerprint
-        meta = read_json(tokens / "meta.json")
+        meta = file_record(tokens, tokenizer)
         if meta is None:
             meta = build_file_cache(path, split, size, tokenizer, tokens)
     return Splits(
@@ -367,6 +405,25 @@ def load_text_file(
         tokenizer=tokenizer,
         tag=path.name,
     )
+
+
+def file_record(folder: Path, tokenizer: Tokenizer) -> dict | None:
+    """The record of the tokens cached in folder, None where there are none. A folder whose record does not match
+    its token files (a file cut short, a record of another shape) is said and removed, to be made again."""
+    if not folder.is_dir():
+        return None
+    meta = read_record(folder / "meta.json", FILE_RECORD)
+    have = (tokens_in(folder / "train.bin"), tokens_in(folder / "val.bin"))
+    if meta is None or meta["fingerprint"] != tokenizer.fingerprint:
+        problem = "its meta.json is not a record of these tokens"
+    elif have != (meta["train_tokens"], meta["val_tokens"]):
+        problem = (f"train.bin and val.bin hold {have[0]:,} and {have[1]:,} tokens, its meta.json records "
+                   f"{meta['train_tokens']:,} and {meta['val_tokens']:,}")  # fmt: skip
+    else:
+        return meta
+    damaged(folder, problem)
+    shutil.rmtree(folder)
+    return None
 
 
 def build_file_cache(path: Path, split: int, size: int, tokenizer: Tokenizer, folder: Path) -> dict:
@@ -616,6 +673,23 @@ def commit_tokens(folder: Path, meta: dict, ids: np.ndarray, n_bytes: int) -> No
     write_json(folder / "meta.json", meta)  # the commit point
 
 
+def stream_record(folder: Path, url: str, tokenizer: Tokenizer) -> dict | None:
+    """The record of the tokens committed in folder, None where there are none. A record that does not match its
+    tokens file (a file cut short, a record of another shape) is said and not used: the cache is made again."""
+    if not (folder / "meta.json").exists():
+        return None
+    meta = read_record(folder / "meta.json", STREAM_RECORD)
+    ours = meta is not None and (meta["url"], meta["fingerprint"]) == (url, tokenizer.fingerprint)
+    if not ours or meta["bytes"] > meta["size"]:
+        problem = "its meta.json is not a record of these tokens"
+    elif (have := tokens_in(folder / "tokens.bin")) < meta["tokens"]:
+        problem = f"tokens.bin holds {have:,} tokens, fewer than the {meta['tokens']:,} its meta.json records"
+    else:
+        return meta
+    damaged(folder, problem)
+    return None
+
+
 def extend_stream_cache(
     link: Link,
     url: str,
@@ -630,12 +704,13 @@ def extend_stream_cache(
     `remote` is the file's size and ETag on the server now; `known`, its first bytes already fetched at that version.
     """
     size = remote["size"]
-    meta = read_json(folder / "meta.json")
+    meta = stream_record(folder, url, tokenizer)
     if meta and (meta["size"], meta["etag"]) != (size, remote["etag"]):
         say(f"{url} changed on the server (size or ETag); its token cache is rebuilt")
         meta = None
     if meta is None:
         meta = dict(url=url, **remote, fingerprint=tokenizer.fingerprint, bytes=0, tokens=0)
+        (folder / "meta.json").unlink(missing_ok=True)  # the commit point first
         (folder / "tokens.bin").unlink(missing_ok=True)
     pending, fetched = bytearray(), meta["bytes"]  # a bytearray grows in place, piece by piece
     with progress(url.rsplit("/", 1)[-1], size, meta["bytes"]) as bar:
@@ -663,7 +738,10 @@ def tokenizer_prefix(link: Link, url: str, remote: dict, folder: Path, n_bytes: 
     and every tokenizer learned from it are dropped and made again."""
     path, record = folder / "prefix.txt", folder / "prefix.json"
     if read_json(record) == remote and path.exists():
-        return path.read_bytes()
+        data = path.read_bytes()
+        if data.endswith(EOT) and is_utf8(data):
+            return data
+        say(f"{path} is damaged (cut short); it is fetched again")
     for stale in (record, *folder.glob("tokenizer-*.json"), path):
         stale.unlink(missing_ok=True)
     end = min(remote["size"], n_bytes)

@@ -4,6 +4,7 @@ Ctrl+C or kill -9 while tokenizing leave in the cache.
 The text is the TinyStories train sample in tests/data (see SOURCES.md there), repeated to take a few seconds.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -87,6 +88,28 @@ def tokenizer_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, text_file, tokenizer_path) -> data.Splits:
     return load(text_file, tmp_path_factory.mktemp("reference"), Tokenizer.load(tokenizer_path))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "how", ["train.bin cut short", "val.bin cut short", "meta.json of wrong types", "meta.json null"]
+)
+def test_a_damaged_file_cache_is_said_once_and_made_again(tmp_path, text_file, tokenizer_path, reference, capsys, how):
+    cache, tokenizer = tmp_path / "cache", Tokenizer.load(tokenizer_path)
+    load(text_file, cache, tokenizer)
+    [meta_path] = cache.glob("files/*/*/meta.json")
+    meta = json.loads(meta_path.read_text())
+    if how.endswith("cut short"):
+        with open(meta_path.parent / how.split()[0], "r+b") as f:
+            f.truncate(100)
+    else:
+        meta_path.write_text("null" if how == "meta.json null" else json.dumps({**meta, "train_tokens": 1.5}))
+    capsys.readouterr()
+    assert_same_tokens(load(text_file, cache, tokenizer), reference)
+    said = capsys.readouterr().err
+    assert said.count("is damaged") == 1 and f"the token cache in {meta_path.parent} is damaged (" in said
+    assert_same_tokens(load(text_file, cache, tokenizer), reference)
+    assert "is damaged" not in capsys.readouterr().err
 
 
 def tokenize_in_child(path: Path, cache: Path, tokenizer_path: Path) -> subprocess.Popen:
