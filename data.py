@@ -26,6 +26,9 @@ Design choices:
 - A cache that does not match its record (a token file shorter than its meta.json says, a meta.json of another
   shape or types, a tokenizer prefix cut short, a tokenizer file that does not load) is said in one line and made
   again, never read: nothing in it is trusted beyond what its record and sizes agree on.
+- A full disk (or quota) while the cache is written raises OSError(ENOSPC) with one line as its strerror, naming
+  the cache folder: every write is committed by a rename or by a record written last, so what the cache held stays
+  whole and the next run with room continues from it.
 - A local file's cache is keyed by its path, size, modification time, split and tokenizer; it is built in a
   temporary folder and renamed into place. Its last `val_fraction`, from a story boundary, is validation.
 - The tokenizer is trained on a bounded prefix of the training text and cached beside the tokens. For TinyStories
@@ -36,6 +39,7 @@ Design choices:
 """
 
 import codecs
+import errno
 import fcntl
 import hashlib
 import json
@@ -52,6 +56,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import requests
@@ -84,6 +89,7 @@ RATE_WINDOW = 60.0  # seconds (TINYSTORIES_RATE_WINDOW)
 STORY_BYTES = 256 << 10  # TinyStories' stories are a few KB: this much text without a story end is not TinyStories
 WEB_PAGE_TYPES = ("text/html", "application/xhtml+xml", "application/json", "application/xml", "text/xml")
 PROGRESS_DELAY = 1.0  # seconds before a progress bar shows: quick steps stay quiet
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MAX_FILE_BYTES = 1 << 40  # a TinyStories file is about 2 GB: a size past a terabyte is a broken server's
 
 
@@ -210,20 +216,33 @@ def open_tokens(path: Path, count: int) -> np.ndarray:
 
 @contextmanager
 def locked(folder: Path):
-    """Hold an exclusive lock on `folder` while preparing it, so two runs never write the same cache at once."""
+    """Hold an exclusive lock on `folder` while preparing it, so two runs never write the same cache at once.
+
+    A full disk (or quota) while preparing is an OSError(ENOSPC) whose strerror is one line naming the folder."""
+    try:
+        with open_lock(folder) as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                say(f"waiting for another run preparing {folder}")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            remove_leftovers(folder)
+            yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise OSError(errno.ENOSPC, f"the disk is full: no room left for the token cache in {folder}; what it held "
+                      "before is kept whole. Free some space or choose another --cache_dir") from e  # fmt: skip
+
+
+def open_lock(folder: Path) -> TextIO:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / ".lock", "w")
+        return open(folder / ".lock", "w")
     except OSError as e:
+        if e.errno in DISK_FULL:
+            raise
         raise DataError(f"cannot write the cache in {folder} ({e.strerror}); choose another --cache_dir") from None
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"waiting for another run preparing {folder}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        remove_leftovers(folder)
-        yield
 
 
 def remove_leftovers(folder: Path) -> None:

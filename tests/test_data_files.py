@@ -1,11 +1,12 @@
-"""A local text file as --data: what is not a regular file, a text too small for the vocabulary asked, and what
-Ctrl+C or kill -9 while tokenizing leave in the cache.
+"""A local text file as --data: what is not a regular file, a text too small for the vocabulary asked, what Ctrl+C
+or kill -9 while tokenizing leave in the cache, a damaged cache, and what a full disk leaves (for TinyStories too).
 
 The text is the TinyStories train sample in tests/data (see SOURCES.md there), repeated to take a few seconds.
 """
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from runner import ROOT, TRAIN_SAMPLE
+from http_server import FileServer
+from runner import ROOT, TRAIN_SAMPLE, VALID_SAMPLE
 
 import data
 from errors import UsageError
@@ -110,6 +112,73 @@ def test_a_damaged_file_cache_is_said_once_and_made_again(tmp_path, text_file, t
     assert said.count("is damaged") == 1 and f"the token cache in {meta_path.parent} is damaged (" in said
     assert_same_tokens(load(text_file, cache, tokenizer), reference)
     assert "is damaged" not in capsys.readouterr().err
+
+
+FULL_DISK_CHILD = """
+import errno, json, sys
+from pathlib import Path
+import numpy as np
+import data
+from tokenizer import Tokenizer
+data.CHUNK_BYTES = 256 << 10  # several commits before the disk is full
+source, cache, tokenizer, out = sys.argv[1], Path(sys.argv[2]), Tokenizer.load(sys.argv[3]), Path(sys.argv[4])
+try:
+    if source.startswith("http://"):
+        splits = data.load_tinystories(base_url=source, version="v1", vocab_size=512, train_tokens=10**9,
+                                       cache_dir=cache, tokenizer=tokenizer)
+    else:
+        splits = data.load_text_file(source, vocab_size=512, val_fraction=0.1, cache_dir=cache, tokenizer=tokenizer)
+except OSError as e:
+    left = [str(p) for p in cache.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".building-")]
+    records = [data.read_json(p) for p in cache.rglob("meta.json")]
+    whole = [data.tokens_in(p.parent / "tokens.bin") >= data.read_json(p)["tokens"] for p in cache.rglob("meta.json")]
+    print(json.dumps(dict(error=errno.errorcode[e.errno], line=e.strerror, left=left, records=records, whole=whole)))
+    sys.exit(4)
+np.save(out / "train.npy", splits.train)
+np.save(out / "val.npy", splits.val)
+"""
+
+
+def on_a_full_disk_then_with_room(tmp_path: Path, source: str, tokenizer_path: Path) -> tuple[dict, data.Splits]:
+    """Prepare `source` with the cache on a 1 MB tmpfs (in a private mount namespace), then again once the same
+    tmpfs has room: what the full disk raised and left, and the tokens prepared after."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.fail("this test needs `unshare -rm` (util-linux) to mount a small tmpfs")
+    disk, out = tmp_path / "small-disk", tmp_path / "out"
+    disk.mkdir()
+    out.mkdir()
+    prepare = f'"{sys.executable}" -c "$0" {source} {disk}/cache {tokenizer_path} {out}'
+    script = (f"mount -t tmpfs -o size=1m tmpfs {disk} && {{ {prepare}; echo exit $?; }} && "
+              f"mount -o remount,size=32m {disk} && {prepare}")  # fmt: skip
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script, FULL_DISK_CHILD], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    first, exit_code = result.stdout.strip().splitlines()[-2:]
+    assert exit_code == "exit 4", result.stdout
+    splits = data.Splits(np.load(out / "train.npy"), np.load(out / "val.npy"), 0, Tokenizer.load(tokenizer_path), "")
+    return json.loads(first), splits
+
+
+@pytest.mark.timeout(60)
+def test_a_full_disk_while_tokenizing_a_file_leaves_the_cache_whole(tmp_path, text_file, tokenizer_path, reference):
+    full, splits = on_a_full_disk_then_with_room(tmp_path, str(text_file), tokenizer_path)
+    assert full["error"] == "ENOSPC" and full["left"] == [] and full["records"] == []
+    folder = full["line"].split("token cache in ")[1].split(";")[0]
+    assert full["line"] == (f"the disk is full: no room left for the token cache in {folder}; what it held before is "
+                            "kept whole. Free some space or choose another --cache_dir")  # fmt: skip
+    assert_same_tokens(splits, reference)
+
+
+@pytest.mark.timeout(60)
+def test_a_full_disk_while_streaming_tinystories_keeps_what_was_committed(tmp_path, files, tokenizer_path):
+    tokenizer = Tokenizer.load(tokenizer_path)
+    with FileServer(files) as server:
+        full, splits = on_a_full_disk_then_with_room(tmp_path, server.url, tokenizer_path)
+    assert full["error"] == "ENOSPC" and full["left"] == [] and full["line"].startswith("the disk is full: ")
+    [train] = full["records"]  # the disk filled up while the train file was tokenized
+    assert 0 < train["tokens"] and train["bytes"] < train["size"] and full["whole"] == [True]
+    assert np.array_equal(splits.train, tokenizer.encode_array(TRAIN_SAMPLE.read_text()))
+    assert np.array_equal(splits.val, tokenizer.encode_array(VALID_SAMPLE.read_text()))
 
 
 def tokenize_in_child(path: Path, cache: Path, tokenizer_path: Path) -> subprocess.Popen:
