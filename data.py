@@ -31,6 +31,10 @@ Design choices:
   whole and the next run with room continues from it.
 - A local file's cache is keyed by its path, size, modification time, split and tokenizer; it is built in a
   temporary folder and renamed into place. Its last `val_fraction`, from a story boundary, is validation.
+- Batches are drawn from the run's seed. Inputs and targets are gathered straight into one contiguous buffer
+  (pinned on CUDA, so its copy is one asynchronous transfer rather than a pageable detour); `Batches` holds one
+  batch ahead and, on CUDA, copies it on a stream of its own while the current step computes: the step's stream
+  waits on an event for that copy alone, and the batch's memory is recorded on the step's stream.
 - The tokenizer is trained on a bounded prefix of the training text and cached beside the tokens. For TinyStories
   that prefix is kept with the file's size and ETag, recorded last as its commit; when the file on the server no
   longer matches, the prefix and every tokenizer learned from it are made again. The training tokens start from
@@ -110,6 +114,29 @@ class Splits:
 # batches
 
 
+def sample_windows(
+    tokens: np.ndarray,
+    batch_size: int,
+    block_size: int,
+    generator: torch.Generator,
+    part: int = 0,
+    parts: int = 1,
+    pin: bool = False,
+) -> torch.Tensor:
+    """Random windows of block_size + 1 tokens as one contiguous (2, batch_size, block_size) int64 tensor: the
+    inputs, then the same shifted by one. Reproducible from `generator`; in pinned memory with `pin`.
+
+    With `parts` > 1, the starts of parts * batch_size windows are drawn and the `part`-th batch_size of them
+    taken: processes that each take their part train on what one process with a `parts` times larger batch would."""
+    starts = torch.randint(len(tokens) - block_size, (batch_size * parts,), generator=generator)
+    starts = starts[part * batch_size : (part + 1) * batch_size].numpy()
+    windows = tokens[starts[:, None] + np.arange(block_size + 1)]
+    batch = torch.empty((2, batch_size, block_size), dtype=torch.int64, pin_memory=pin)
+    both = batch.numpy()  # written in place: the inputs and targets land contiguous, in pinned memory where asked
+    both[0], both[1] = windows[:, :-1], windows[:, 1:]
+    return batch
+
+
 def get_batch(
     tokens: np.ndarray,
     batch_size: int,
@@ -119,17 +146,67 @@ def get_batch(
     part: int = 0,
     parts: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of block_size + 1 tokens: inputs and the same shifted by one. Reproducible from `generator`.
+    """Inputs and targets of random windows (see sample_windows), each contiguous, on `device`, in the current
+    stream's order."""
+    cuda = torch.device(device).type == "cuda"
+    batch = sample_windows(tokens, batch_size, block_size, generator, part, parts, pin=cuda)
+    batch = batch.to(device, non_blocking=cuda)  # one copy, from pinned memory: asynchronous
+    return batch[0], batch[1]
 
-    With `parts` > 1, the starts of parts * batch_size windows are drawn and the `part`-th batch_size of them
-    returned: processes that each take their part train on what one process with a `parts` times larger batch would."""
-    starts = torch.randint(len(tokens) - block_size, (batch_size * parts,), generator=generator)
-    starts = starts[part * batch_size : (part + 1) * batch_size].numpy()
-    windows = torch.from_numpy(tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
-    x, y = windows[:, :-1], windows[:, 1:]
-    if torch.device(device).type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+
+class Batches:
+    """Training batches drawn from `seed`, one held ahead. On CUDA the batch ahead is gathered into pinned memory
+    and copied on a stream of its own while the current step computes; the step waits for that copy only when it
+    takes the batch, by an event, and the batch's memory is kept until the step's stream is done with it.
+
+    `state` is the generator's state before the batch held ahead: a resumed run draws that batch again, and so
+    does `restart(state)`. `part` and `parts` split each batch between processes as sample_windows does."""
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        block_size: int,
+        seed: int,
+        device: str | torch.device,
+        *,
+        part: int = 0,
+        parts: int = 1,
+        state: torch.Tensor | None = None,
+    ):
+        self.tokens, self.batch_size, self.block_size = tokens, batch_size, block_size
+        self.part, self.parts = part, parts
+        self.device = torch.device(device)
+        self.copies = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.restart(self.generator.get_state() if state is None else state)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch held ahead, inputs and targets, ready for the current stream; the one after is drawn now."""
+        batch, ready = self.ahead, self.ready
+        if ready is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(ready)
+            batch.record_stream(stream)  # allocated on the copy stream: not reused while this stream may use it
+        self.draw()
+        return batch[0], batch[1]
+
+    def restart(self, state: torch.Tensor) -> None:
+        """Draw again from a state taken earlier (`state`)."""
+        self.generator.set_state(state)
+        self.draw()
+
+    def draw(self) -> None:
+        self.state = self.generator.get_state()
+        host = sample_windows(self.tokens, self.batch_size, self.block_size, self.generator, self.part, self.parts,
+                              pin=self.copies is not None)  # fmt: skip
+        if self.copies is None:
+            self.ahead, self.ready = host.to(self.device), None
+            return
+        with torch.cuda.stream(self.copies):
+            self.ahead = host.to(self.device, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(self.copies)
 
 
 def iter_eval_batches(

@@ -376,34 +376,7 @@ def generate_sample(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace, 
     return tokenizer.decode(out[0].tolist())
 
 
-class Batches:
-    """Training batches drawn from --seed, one fetched ahead so its copy to the GPU overlaps the current step.
-
-    `state` is the generator's state before the batch held ahead: a resumed run draws that batch again."""
-
-    def __init__(self, tokens, args: argparse.Namespace, device: str, state: torch.Tensor | None = None):
-        self.tokens, self.args, self.device = tokens, args, device
-        self.generator = torch.Generator().manual_seed(args.seed)
-        self.restart(self.generator.get_state() if state is None else state)
-
-    def _draw(self):
-        self.state = self.generator.get_state()
-        return data.get_batch(
-            self.tokens, self.args.batch_size, self.args.block_size, self.generator, self.device,
-            part=distributed.rank(), parts=distributed.world_size(),
-        )  # fmt: skip
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, self.ahead = self.ahead, self._draw()
-        return batch
-
-    def restart(self, state: torch.Tensor) -> None:
-        """Draw again from a state taken earlier (`state`)."""
-        self.generator.set_state(state)
-        self.ahead = self._draw()
-
-
-def train_step(model, optimizer, scaler, batches: Batches, args: argparse.Namespace, autocast) -> torch.Tensor:
+def train_step(model, optimizer, scaler, batches: data.Batches, args: argparse.Namespace, autocast) -> torch.Tensor:
     """One optimizer step over grad_accum micro-batches; returns the mean loss, left on the device (no sync)."""
     loss_sum = None
     for micro in range(args.grad_accum):
@@ -787,7 +760,10 @@ def train(
     tokenizer_path = out_dir / "tokenizer.json"
     if distributed.is_main():
         tokenizer.save(tokenizer_path)
-    batches = Batches(splits.train, args, device, checkpoint["rng"]["batches"] if checkpoint else None)
+    batches = data.Batches(
+        splits.train, args.batch_size, args.block_size, args.seed, device, part=distributed.rank(),
+        parts=distributed.world_size(), state=checkpoint["rng"]["batches"] if checkpoint else None,
+    )  # fmt: skip
     step, best_val, best_train, saved_step = 0, float("inf"), float("inf"), None
     if checkpoint:
         step, best_val, saved_step = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["step"]
