@@ -56,6 +56,7 @@ def worker(rounds: int, steps: int) -> None:
     import numpy as np
     import torch
 
+    import data
     import distributed
     import main
     from model import GPT, GPTConfig
@@ -68,7 +69,7 @@ def worker(rounds: int, steps: int) -> None:
     optimizer = main.build_optimizer(model, args, "cpu", None)
     step_model = distributed.wrap(model, "cpu")
     tokens = np.random.default_rng(0).integers(0, VOCAB, 1 << 21, dtype=np.uint16)
-    batches = main.Batches(tokens, args, "cpu")
+    batches = data.Batches(tokens, args.batch_size, args.block_size, args.seed, "cpu")
     scaler = torch.amp.GradScaler(enabled=False)
 
     def step() -> None:
