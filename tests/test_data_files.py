@@ -18,6 +18,8 @@ import numpy as np
 import psutil
 import pytest
 from http_server import FileServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from runner import ROOT, TRAIN_SAMPLE, VALID_SAMPLE
 
 import data
@@ -179,6 +181,74 @@ def test_a_full_disk_while_streaming_tinystories_keeps_what_was_committed(tmp_pa
     assert 0 < train["tokens"] and train["bytes"] < train["size"] and full["whole"] == [True]
     assert np.array_equal(splits.train, tokenizer.encode_array(TRAIN_SAMPLE.read_text()))
     assert np.array_equal(splits.val, tokenizer.encode_array(VALID_SAMPLE.read_text()))
+
+
+URL, EMPTY = "http://mirror/TinyStories-train.txt", Tokenizer([])  # a tokenizer of bytes alone
+ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=20))
+COUNT = st.integers(0, 40)
+STREAM_RECORDS = st.builds(
+    lambda size, etag, tokens: dict(url=URL, size=size, etag=etag, fingerprint=EMPTY.fingerprint, bytes=size // 2,
+                                    tokens=tokens),  # fmt: skip
+    COUNT, st.text(max_size=5), COUNT,
+)  # fmt: skip
+FILE_RECORDS = st.builds(
+    lambda size, train, val: dict(source="/data/stories.txt", size=size, split=size // 2,
+                                  fingerprint=EMPTY.fingerprint, train_tokens=train, val_tokens=val, val_bytes=size),
+    COUNT, COUNT, COUNT,
+)  # fmt: skip
+
+
+def mutated(record: dict, field: str | None, value, drop: bool) -> dict:
+    """`record` with one field dropped or set to `value` (none where `field` is None)."""
+    if field in record:
+        if drop:
+            del record[field]
+        else:
+            record[field] = value
+    return record
+
+
+RECORDS = st.one_of(
+    st.binary(max_size=200),
+    st.builds(mutated, STREAM_RECORDS | FILE_RECORDS, st.sampled_from([None, *data.STREAM_RECORD, *data.FILE_RECORD]),
+              ANY_VALUE | st.integers(-3, 80), st.booleans()),
+)  # fmt: skip
+
+
+TOKEN_FILES = {"tokens.bin": "tokens", "train.bin": "train_tokens", "val.bin": "val_tokens"}  # and their counts
+
+
+def token_files(folder: Path, record, sizes: tuple[int, int, int] | None) -> None:
+    """tokens.bin, train.bin and val.bin of `sizes` bytes, or (None) of the sizes the record gives where it can."""
+    for at, (name, count) in enumerate(TOKEN_FILES.items()):
+        given_count = record.get(count) if isinstance(record, dict) else None
+        fits = type(given_count) is int and 0 <= given_count < 1000
+        size = sizes[at] if sizes else 2 * given_count if fits else 0
+        (folder / name).write_bytes(b"\0" * size)
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(record=RECORDS, sizes=st.none() | st.tuples(st.integers(0, 81), st.integers(0, 81), st.integers(0, 81)))
+def test_any_cache_record_is_trusted_only_where_it_matches_its_files(tmp_path, record, sizes):
+    """Whatever a cache's meta.json holds, its reader returns a record whose counts its files hold, or None."""
+    folder = tmp_path / "cache"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    (folder / "meta.json").write_bytes(record if isinstance(record, bytes) else json.dumps(record).encode())
+    token_files(folder, record, sizes)
+    streamed = data.stream_record(folder, URL, EMPTY)
+    if streamed is not None:
+        assert all(type(streamed[name]) is kind for name, kind in data.STREAM_RECORD.items())
+        assert 0 <= streamed["tokens"] <= data.tokens_in(folder / "tokens.bin")
+        assert 0 <= streamed["bytes"] <= streamed["size"] and streamed["fingerprint"] == EMPTY.fingerprint
+    on_file = data.file_record(folder, EMPTY)
+    if on_file is not None:
+        assert all(type(on_file[name]) is kind for name, kind in data.FILE_RECORD.items())
+        assert on_file["train_tokens"] == data.tokens_in(folder / "train.bin")
+        assert on_file["val_tokens"] == data.tokens_in(folder / "val.bin")
+    else:
+        assert not folder.exists()  # a record not trusted is removed with what it described
 
 
 def tokenize_in_child(path: Path, cache: Path, tokenizer_path: Path) -> subprocess.Popen:
