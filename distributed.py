@@ -182,8 +182,8 @@ class StopVote:
     def decided(self) -> bool:
         """Whether any rank cast True in the last vote; waits for it (interruptibly) if it has not arrived."""
         if self.work is not None:
-            work, self.work = self.work, None
-            wait(work)
+            wait(self.work)
+            self.work = None  # only once it has arrived: a wait a signal ended is waited on again
         return bool(self.ballot.item())
 
 
