@@ -11,12 +11,18 @@ Design choices:
   stop flag travels without waiting for the GPU. A machine without CUDA uses gloo alone.
 - Global rank 0 speaks and writes (`is_main`): the ClearML task, the progress bar, the run folder. The other ranks
   print nothing but their own failures, so no message is repeated once per process.
-- Decisions every rank must take alike are collectives: the stop flag is an "any" over ranks at every step (a signal
-  reaches the ranks at slightly different moments), and losses are averaged before anything is decided from them.
+- Decisions every rank must take alike are collectives: whether to stop (a signal reaches the ranks at slightly
+  different moments), and the losses, averaged before anything is decided from them. The stop vote (`StopVote`)
+  never stalls a step: the vote cast after step N is an all-reduce started then and read after step N+1, by when it
+  has long arrived, so every rank stops at the same step, one step after the request.
+- What the host reads (losses, the stop vote) travels over gloo as CPU tensors, however the model trains: a few
+  numbers the host needs anyway, in a collective whose wait Python can interrupt.
 - A rank that dies makes its peers' collectives fail; those failures are recognised (`peer_lost`), so the survivors
   end with one line while torchrun tears the run down.
-- Waits on collectives are polled, not blocked in C++, so a signal is handled while a rank waits for the others:
-  rank 0 preparing the data, or a peer that Ctrl+C stopped in the middle of an evaluation.
+- A collective is waited on in Python, not blocked in C++: its completion sets a threading.Event, which the main
+  thread waits on. The wait ends the moment the collective completes (no polling interval to sleep through), and a
+  signal is handled while a rank waits for the others (rank 0 preparing the data, or a peer that Ctrl+C stopped in
+  the middle of an evaluation): a KeyboardInterrupt raised by its handler ends the wait at once.
 """
 
 import atexit
@@ -24,14 +30,12 @@ import contextlib
 import inspect
 import os
 import sys
-import time
+import threading
 import traceback
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-
-POLL_SECONDS = 0.05  # the longest sleep between two looks at a pending collective
 
 
 class PeerLost(Exception):
@@ -119,14 +123,17 @@ def collective(run):
         raise
 
 
+def wait(work: dist.Work) -> None:
+    """Wait for a collective started with async_op=True, in a wait that a signal handler can end by raising."""
+    done = threading.Event()
+    work.get_future().add_done_callback(lambda _: done.set())  # called on completion or failure, on gloo's thread
+    done.wait()  # Python's lock waits are interrupted by signals, so the handler runs while this rank waits
+    collective(work.wait)  # the collective's failure, if it failed
+
+
 def all_reduce(values: torch.Tensor, op: dist.ReduceOp) -> None:
-    """dist.all_reduce in place, waited on by polling: first every 0.1 ms, backing off to POLL_SECONDS."""
-    work = collective(lambda: dist.all_reduce(values, op=op, async_op=True))
-    pause = 1e-4
-    while not work.is_completed():
-        time.sleep(pause)
-        pause = min(2 * pause, POLL_SECONDS)
-    collective(work.wait)
+    """dist.all_reduce in place (of a CPU tensor, over gloo), waited on by `wait`."""
+    wait(collective(lambda: dist.all_reduce(values, op=op, async_op=True)))
 
 
 def any_rank(flag: bool) -> bool:
@@ -139,16 +146,45 @@ def any_rank(flag: bool) -> bool:
 
 
 def sum_across(values: torch.Tensor) -> torch.Tensor:
-    """The element-wise sum of `values` over ranks (a copy; CPU tensors go over gloo, CUDA ones over NCCL)."""
-    values = values.clone()
+    """The element-wise sum of `values` over ranks, as a new CPU tensor (it travels over gloo)."""
+    values = values.detach().to("cpu", copy=True)
     if active():
         all_reduce(values, dist.ReduceOp.SUM)
     return values
 
 
 def average(values: torch.Tensor) -> torch.Tensor:
-    """The element-wise mean of `values` over ranks."""
-    return sum_across(values) / world_size() if active() else values
+    """The element-wise mean of `values` over ranks, as a new CPU tensor."""
+    return sum_across(values) / world_size()
+
+
+class StopVote:
+    """Whether any rank asked to stop, agreed without a step waiting for it: `cast` starts the vote (an all-reduce
+    of the flag, over gloo) and `decided` reads it a step later, when it has long arrived. The loop reads the vote
+    cast after the previous step, then casts its own:
+
+        if vote.decided():           # False before the first cast; the same answer on every rank
+            break                    # every rank stops after the same step
+        vote.cast(stop.requested)    # read after the next step
+
+    One process behaves alike (a vote of one), so a run stops at the same step whatever its number of processes."""
+
+    def __init__(self):
+        self.ballot, self.work = torch.zeros(1), None
+
+    def cast(self, flag: bool) -> None:
+        """Start the vote on `flag` (this rank wants to stop); the vote before it is read first if it was not."""
+        self.decided()
+        self.ballot = torch.tensor([float(flag)])
+        if active():
+            self.work = collective(lambda: dist.all_reduce(self.ballot, op=dist.ReduceOp.MAX, async_op=True))
+
+    def decided(self) -> bool:
+        """Whether any rank cast True in the last vote; waits for it (interruptibly) if it has not arrived."""
+        if self.work is not None:
+            wait(self.work)
+            self.work = None  # only once it has arrived: a wait a signal ended is waited on again
+        return bool(self.ballot.item())
 
 
 def share(value):

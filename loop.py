@@ -185,7 +185,7 @@ def first_divergence(losses: list[float], state: TrainState, cfg) -> tuple[int, 
 
 def train(run: Run, state: TrainState) -> Outcome:
     """Train from state.step to max_steps, or until stopped; the state is checkpointed at the end."""
-    cfg, pending, stopping = run.cfg, [], False
+    cfg, pending, stopping, vote = run.cfg, [], False, distributed.StopVote()
     run.stop.interruptible = False  # a signal during a step stops the loop after the step
     evaluated_at = state.step if run.resumed else None  # a resumed run was evaluated at its saved step already
     with tqdm(total=cfg.max_steps, initial=state.step, desc="training", dynamic_ncols=True, mininterval=1.0) as bar:
@@ -202,7 +202,10 @@ def train(run: Run, state: TrainState) -> Outcome:
             state.step += 1
             bar.update(1)
             run.throughput.after_step()
-            stopping = distributed.any_rank(run.stop.requested)  # every process stops at the same step
+            # Every process stops after the same step: a signal by the vote cast a step earlier (it reaches the
+            # processes at slightly different moments), an early abort at once (decided alike everywhere).
+            stopping = vote.decided() or run.stop.reason is not None
+            vote.cast(run.stop.requested)
             due = state.step % cfg.eval_interval == 0 or run.checkpoints.due(state.step) or state.step == cfg.max_steps
             if len(pending) < cfg.log_interval and not due and not stopping:
                 continue

@@ -35,6 +35,7 @@ if __name__ == "__main__":  # a signal while the imports below load: nothing to 
     signal.signal(signal.SIGTERM, quit_while_starting)
 
 import dataclasses
+import errno
 import uuid
 from pathlib import Path
 
@@ -73,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         return run(sys.argv[1:] if argv is None else argv, stop)
     except UsageError as e:
         flags.build_parser().error(str(e))  # a short usage, then the line; exit 2
+    except OSError as e:  # before training: the disk is full (the token cache), or another I/O error
+        say(
+            f"{e.strerror or e}; nothing was trained"
+            if e.errno == errno.ENOSPC
+            else f"I/O error: {e}; nothing was trained"
+        )
+        return ending.EXIT_IO
     except KeyboardInterrupt:
         say("interrupted before training started; nothing to save")
         return EXIT_STOPPED
@@ -97,7 +105,7 @@ def run(argv: list[str], stop: StopFlag) -> int:
     stop.install()  # again: Task.init hooks SIGTERM to close the task first, which can hang; ours decide
     try:
         run_, state = prepare(cfg, saved, machine, probing, folder, tracker, stop)
-    except UsageError:  # its line stays the last: the task closes quietly
+    except (UsageError, OSError):  # its line stays the last: the task closes quietly
         tracker.close("failed", "refused before training", quiet=True)
         raise
     except KeyboardInterrupt:
@@ -257,7 +265,15 @@ def build_state(cfg: Config, splits: data.Splits, saved: dict | None, machine: d
     model = build_model(cfg, splits.tokenizer.vocab_size, machine.device, None)
     optimizer = build_optimizer(model, cfg, machine.device)
     scaler = torch.amp.GradScaler(enabled=machine.dtype == "float16")
-    batches = data.Batches(splits.train, cfg, machine.device)
+    batches = data.Batches(
+        splits.train,
+        cfg.batch_size,
+        cfg.block_size,
+        cfg.seed,
+        machine.device,
+        part=distributed.rank(),
+        parts=distributed.world_size(),
+    )
     state = TrainState(model, optimizer, scaler, batches, machine.device, cfg.seed)
     if saved is not None:
         try:

@@ -4,7 +4,7 @@ Training throughput on the CPU with 1 and 2 processes (torchrun, gloo), and what
     python bench/bench_ddp.py [--rounds 3] [--steps 4]
 
 Each candidate is a torchrun launch of this script in worker mode, which times main.py's own training step
-(`main.train_step` on `distributed.wrap`'s DistributedDataParallel model, Muon as by default) on random tokens at a
+(`loop.train_step` on `distributed.wrap`'s DistributedDataParallel model, Muon as by default) on random tokens at a
 fixed shape; `--batch_size` is per process, as in main.py, so 2 processes step over twice the tokens. A round is
 `--steps` steps; its time is the slowest rank's; each candidate reports its best round. Candidates are launched in
 alternating order, twice, and keep their best launch, so load from elsewhere on the machine hits all of them alike.
@@ -56,23 +56,26 @@ def worker(rounds: int, steps: int) -> None:
     import numpy as np
     import torch
 
+    import data
     import distributed
+    import flags
+    import loop
     import main
     from model import GPT, GPTConfig
 
     distributed.setup()
-    args = main.build_parser().parse_args(["--device", "cpu", "--vocab_size", str(VOCAB), *SHAPE])
+    args = flags.configuration(["--device", "cpu", "--vocab_size", str(VOCAB), *SHAPE])
     torch.manual_seed(0)
     config = GPTConfig(VOCAB, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(config)
-    optimizer = main.build_optimizer(model, args, "cpu", None)
+    optimizer = main.build_optimizer(model, args, "cpu")
     step_model = distributed.wrap(model, "cpu")
     tokens = np.random.default_rng(0).integers(0, VOCAB, 1 << 21, dtype=np.uint16)
-    batches = main.Batches(tokens, args, "cpu")
+    batches = data.Batches(tokens, args.batch_size, args.block_size, args.seed, "cpu")
     scaler = torch.amp.GradScaler(enabled=False)
 
     def step() -> None:
-        main.train_step(step_model, optimizer, scaler, batches, args, contextlib.nullcontext())
+        loop.train_step(step_model, optimizer, scaler, batches, args, contextlib.nullcontext())
 
     for _ in range(2):  # warm-up: allocator, DDP buckets
         step()

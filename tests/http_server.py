@@ -26,7 +26,9 @@ class FileServer:
     nothing more and keep the connection open until the server stops. `drop_after`: every response closes the
     connection after sending this many body bytes. `ignore_range`: answer 200 with the whole file.
     `bytes_per_second`: slow every body down. `answer = (status, content type, body)`: answer every request with
-    this instead of the file (a proxy's error page, a login wall, a server error).
+    this instead of the file (a proxy's error page, a login wall, a server error). `headers`: sent instead of the
+    true ones (a broken or hostile server's `Content-Length`). `stall_after`: every response sends this many body
+    bytes, then nothing more (a server that trickles a little on each connection).
     """
 
     files: dict[str, Path]
@@ -36,6 +38,8 @@ class FileServer:
     ignore_range: bool = False
     bytes_per_second: int | None = None
     answer: tuple[int, str, bytes] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    stall_after: int | None = None
     requests: list[Request] = field(default_factory=list)
 
     def __post_init__(self):
@@ -99,18 +103,23 @@ class FileServer:
                 with server.lock:
                     server.requests.append(record)
                     stop = end
-                    if server.drop_after is not None:
-                        stop = min(stop, start + server.drop_after)
+                    for after in (server.drop_after, server.stall_after):
+                        if after is not None:
+                            stop = min(stop, start + after)
                     cut_at = take_fault(server.cut_at, name, start, end) if body else None
                     stall_at = take_fault(server.stall_at, name, start, end) if body else None
                     stop = min([stop, *(at for at in (cut_at, stall_at) if at is not None)])
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain; charset=utf-8")
-                self.send_header("Content-Length", str(end - start))
-                self.send_header("Accept-Ranges", "bytes")
-                self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest()[:16] + '"')
+                headers = {
+                    "Content-Type": "text/plain; charset=utf-8",
+                    "Content-Length": str(end - start),
+                    "Accept-Ranges": "bytes",
+                    "ETag": '"' + hashlib.sha256(data).hexdigest()[:16] + '"',
+                }
                 if status == 206:
-                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+                    headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+                self.send_response(status)
+                for header, value in {**headers, **server.headers}.items():
+                    self.send_header(header, value)
                 self.end_headers()
                 if not body:
                     return
@@ -124,7 +133,7 @@ class FileServer:
                             time.sleep(0.1)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
-                if stall_at is not None:
+                if stall_at is not None or (server.stall_after is not None and stop < end):
                     server.stopping.wait()
                 if stop < end:
                     self.close_connection = True

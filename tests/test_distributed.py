@@ -1,20 +1,23 @@
-"""Scale out: main.py under the real torchrun launcher (2 CPU processes, gloo), and --queue without a ClearML server.
+"""Scale out: main.py under the real torchrun launcher (2 CPU processes, gloo), and --queue without a ClearML server;
+distributed.py's own waits and stop vote under torchrun too.
 
 Each worker is a shell that runs main.py and writes down its exit code (torchrun reports none once it has forwarded
 a signal); the shell's trap only defers a forwarded signal until main.py, which gets it too, has finished.
 Training data is a slice of the TinyStories train sample in tests/data (see SOURCES.md there).
 """
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from runner import TINY_MODEL, TRAIN_SAMPLE, make_project, wait_for_line
+from runner import ROOT, TINY_MODEL, TRAIN_SAMPLE, make_project, wait_for_line
 
 QUICK = [
     *TINY_MODEL, "--data", "stories.txt", "--eval_iters", "2", "--sample_tokens", "5", "--warmup_steps", "2",
@@ -130,3 +133,94 @@ def test_queue_without_a_server_is_a_usage_error(project):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.endswith("error: --queue gpus needs a ClearML server: run clearml-init or set CLEARML_API_HOST")
     assert project.sessions() == [] and not (project.path / "RUN").exists()
+
+
+@pytest.fixture
+def torchrun_script(tmp_path):
+    """Start a script in 2 processes under torchrun, importing this program's modules, with tmp_path as its
+    argument; whatever is left of it when the test ends (it failed) is killed, workers first."""
+    launched = []
+
+    def start(script: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        process = subprocess.Popen([*command, "--no-python", sys.executable, "-c", script, str(tmp_path)], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)  # fmt: skip
+        launched.append(process)
+        return process
+
+    yield start
+    for process in launched:
+        if process.poll() is None:
+            for left in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+                left.kill()
+            process.wait()
+
+
+VOTES = """
+import json, random, sys, time
+from pathlib import Path
+import distributed
+distributed.setup()
+rank, stops = distributed.rank(), []
+for trial in range(30):
+    wants = [random.Random(f"{trial} {r}").randrange(1, 12) for r in range(2)]  # the step after which each asks
+    vote, step = distributed.StopVote(), 0
+    while True:
+        step += 1  # a training step, of a length that differs by rank and by step
+        time.sleep(random.Random(f"{trial} {rank} {step}").random() * 0.002)
+        if vote.decided():
+            break
+        vote.cast(step >= wants[rank])
+    stops.append(dict(wants=wants, stopped=step))
+(Path(sys.argv[1]) / f"rank-{rank}.json").write_text(json.dumps(stops))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_stop_vote_stops_every_rank_after_the_same_step(tmp_path, torchrun_script):
+    code, _, stderr, _ = finish(torchrun_script(VOTES), timeout=90)
+    assert code == 0, stderr[-3000:]
+    rank_0, rank_1 = (json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1))
+    assert rank_0 == rank_1
+    assert all(trial["stopped"] == min(trial["wants"]) + 1 for trial in rank_0)  # the vote is read a step later
+    assert {trial["wants"][0] < trial["wants"][1] for trial in rank_0} == {True, False}  # either rank asks first
+
+
+WAITS = """
+import sys, threading
+import distributed
+distributed.setup()
+try:
+    if distributed.rank() == 1:
+        threading.Event().wait()  # busy elsewhere until Ctrl+C reaches it too
+    print("waiting", flush=True)
+    distributed.wait_for_all()
+except KeyboardInterrupt:
+    print(f"rank {distributed.rank()} interrupted", file=sys.__stdout__, flush=True)
+    sys.exit(130)
+"""
+
+
+def main_thread_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.timeout(120)  # torchrun starts in seconds, but in a minute on a loaded machine
+def test_ctrl_c_ends_a_wait_for_the_other_ranks_at_once(torchrun_script):
+    process = torchrun_script(WAITS)
+    wait_for_line(process.stdout, "waiting", timeout=60)
+    workers = [p for p in psutil.Process(process.pid).children(recursive=True) if p.cmdline()[1:2] == ["-c"]]
+    rank_0, rank_1 = sorted(workers, key=lambda p: p.environ()["RANK"])
+    deadline = time.monotonic() + 10
+    while main_thread_state(rank_0.pid) != "S" and time.monotonic() < deadline:  # until it blocks in the wait
+        time.sleep(0.01)
+    rank_0.send_signal(signal.SIGINT)  # Ctrl+C reaches rank 0 first, while rank 1 is elsewhere
+    started = time.monotonic()
+    wait_for_line(process.stdout, "rank 0 interrupted", timeout=10)
+    assert time.monotonic() - started < 5
+    rank_1.send_signal(signal.SIGINT)
+    wait_for_line(process.stdout, "rank 1 interrupted", timeout=10)
+    code, _, stderr, seconds = finish(process, timeout=SHUTDOWN_GRACE_S + 30)
+    assert code != 0 and seconds < SHUTDOWN_GRACE_S, stderr[-3000:]  # both ended on their own
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)

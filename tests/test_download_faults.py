@@ -36,9 +36,11 @@ def quick_faults(monkeypatch):
     monkeypatch.setattr(data, "RESUME_PAUSE", 0.05)
 
 
-def load(server: FileServer, cache: Path, tokenizer: Tokenizer | None = None, train_tokens: int = ALL) -> data.Splits:
+def load(
+    server: FileServer, cache: Path, tokenizer: Tokenizer | None = None, train_tokens: int = ALL, **floor
+) -> data.Splits:
     return data.load_tinystories(base_url=server.url, version="v1", vocab_size=512, train_tokens=train_tokens,
-                                 cache_dir=cache, tokenizer=tokenizer)  # fmt: skip
+                                 cache_dir=cache, tokenizer=tokenizer, **floor)  # fmt: skip
 
 
 def kept_files(cache: Path) -> list[Path]:
@@ -76,6 +78,16 @@ def test_a_bad_answer_is_refused_kept_nowhere_and_a_good_server_then_gives_the_f
         splits = load(server, cache)
     assert splits.tokenizer.vocab_size == 512
     assert np.array_equal(splits.train, splits.tokenizer.encode_array(TRAIN_BYTES.decode()))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("length", ["abc", "-5", "", str(10**30), "9" * 5000])
+def test_a_size_that_is_not_a_size_is_one_line_naming_the_url(tmp_path, files, length):
+    with FileServer(files, headers={"Content-Length": length}) as server, pytest.raises(data.DataError) as refused:
+        load(server, tmp_path / "cache")
+    message = str(refused.value)
+    assert f"{server.url}/{TRAIN} gives no usable size (Content-Length: {length[:40]!r})" in message
+    assert "\n" not in message and kept_files(tmp_path / "cache") == []
 
 
 def test_text_that_is_not_utf8_is_refused(tmp_path, files):
@@ -143,6 +155,42 @@ def test_a_link_dropping_every_connection_finishes_and_keeps_every_byte(tmp_path
     assert all(first == before + sent for (before, sent), (first, _) in pairwise(spans))  # none lost
     assert server.fetched(TRAIN) == len(TRAIN_BYTES)
     assert np.array_equal(splits.train, tokenizer.encode_array(TRAIN_BYTES.decode()))
+
+
+@pytest.mark.timeout(30)
+def test_a_server_trickling_a_little_per_connection_fails_on_the_rate_floor(tmp_path, files, tokenizer, monkeypatch):
+    monkeypatch.setattr(data, "TIMEOUT", (2, 0.3))
+    monkeypatch.setenv("TINYSTORIES_MIN_RATE", "20000")
+    monkeypatch.setenv("TINYSTORIES_RATE_WINDOW", "2")
+    with FileServer(files, stall_after=2_000) as server:  # about 7 kB/s: 2 MB would take five minutes
+        started = time.monotonic()
+        with pytest.raises(data.DataError) as slow:
+            load(server, tmp_path / "cache", tokenizer)
+        elapsed = time.monotonic() - started
+    assert len(server.gets(TRAIN)) > data.STALLS + 2  # each try brought bytes, so the budget of stalls never ran out
+    assert 2 <= elapsed < 2 + 3
+    message = str(slow.value)
+    assert f"the download of {server.url}/{TRAIN} is too slow: " in message and "\n" not in message
+    rate = float(message.split("too slow: ")[1].split(" kB/s")[0])
+    assert 1 < rate < 20 and "under the 20 kB/s it must keep (TINYSTORIES_MIN_RATE)" in message
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_but_steady_link_above_the_floor_finishes(tmp_path, files, tokenizer):
+    floor = data.RateFloor(min_rate=200_000, window=1.0)
+    with FileServer(files, bytes_per_second=800_000) as server:  # 2.6 s for the train file
+        splits = load(server, tmp_path / "cache", tokenizer, rate_floor=floor)
+    assert np.array_equal(splits.train, tokenizer.encode_array(TRAIN_BYTES.decode()))
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    "name, value", [("TINYSTORIES_MIN_RATE", "fast"), ("TINYSTORIES_MIN_RATE", "-1"), ("TINYSTORIES_RATE_WINDOW", "0")]
+)
+def test_a_rate_floor_from_the_environment_that_is_not_a_number_is_one_line(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(data.DataError, match=f"^{name}='{value}' is not a"):
+        data.RateFloor.from_environment()
 
 
 def test_the_tokenizer_prefix_download_shows_progress(tmp_path, files, monkeypatch, capsys):

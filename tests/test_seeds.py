@@ -55,8 +55,10 @@ def test_a_failing_seed_does_not_stop_the_others(project):
 @pytest.mark.timeout(120)
 def test_seeds_under_torchrun_is_refused_in_one_line(project):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "main.py"]
-    process = subprocess.Popen([*command, *QUICK, "--seeds", "1", "2"], cwd=project.path, env=project.env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        [*command, *QUICK, "--seeds", "1", "2"], cwd=project.path, env=project.env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
     _, _, stderr, _ = finish(process, timeout=90)
     assert "error: --seeds runs one process per seed: start it with python main.py, not torchrun" in stderr
     assert not (project.path / "runs").exists()

@@ -25,8 +25,8 @@ def tiny_state(cfg, tokens: np.ndarray) -> TrainState:
     torch.manual_seed(cfg.seed)
     model = main.build_model(cfg, 300, "cpu", None)
     scaler = torch.amp.GradScaler("cpu", enabled=True)  # enabled, so that its growth tracker moves
-    return TrainState(model, main.build_optimizer(model, cfg, "cpu"), scaler, data.Batches(tokens, cfg, "cpu"),
-                      "cpu", cfg.seed)  # fmt: skip
+    batches = data.Batches(tokens, cfg.batch_size, cfg.block_size, cfg.seed, "cpu")
+    return TrainState(model, main.build_optimizer(model, cfg, "cpu"), scaler, batches, "cpu", cfg.seed)
 
 
 def assert_same(a, b, where: str = "state") -> None:

@@ -4,6 +4,7 @@ The server serves the TinyStories samples in tests/data (see SOURCES.md there) u
 names of the real TinyStories files.
 """
 
+import json
 import signal
 import subprocess
 import sys
@@ -96,6 +97,54 @@ def test_file_changed_on_the_server_rebuilds_the_cache(tmp_path, files, tokenize
         splits = load(server, cache, tokenizer, train_tokens=ALL)
     assert "changed on the server" in capsys.readouterr().err
     assert np.array_equal(splits.train, tokenizer.encode_array(changed.decode()))
+
+
+def damage(meta_path: Path, how: str) -> None:
+    """Damage the token cache whose record is meta_path, as a crash of the disk or a careless hand would."""
+    tokens_bin, meta = meta_path.parent / "tokens.bin", json.loads(meta_path.read_text())
+    if how == "tokens.bin cut short":
+        with open(tokens_bin, "r+b") as f:
+            f.truncate(tokens_bin.stat().st_size // 2 + 1)
+    elif how == "meta.json a list":
+        meta_path.write_text(json.dumps(list(meta.values())))
+    elif how == "meta.json of wrong types":
+        meta_path.write_text(json.dumps({**meta, "tokens": str(meta["tokens"]), "bytes": -1}))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["tokens.bin cut short", "meta.json a list", "meta.json of wrong types"])
+def test_a_damaged_token_cache_is_said_once_and_made_again(tmp_path, files, tokenizer, reference, capsys, how):
+    cache = tmp_path / "cache"
+    with FileServer(files) as server:
+        load(server, cache, tokenizer, train_tokens=20_000)
+        [meta_path] = cache.glob("tinystories/*/*/train/meta.json")
+        damage(meta_path, how)
+        capsys.readouterr()
+        splits = load(server, cache, tokenizer, train_tokens=20_000)
+        said = capsys.readouterr().err
+        assert np.array_equal(load(server, cache, tokenizer, train_tokens=20_000).train, splits.train)
+    assert said.count("is damaged") == 1 and f"the token cache in {meta_path.parent} is damaged (" in said
+    assert "it is made again" in said and "Traceback" not in said
+    assert len(splits.train) >= 20_000 and np.array_equal(splits.train, reference[: len(splits.train)])
+    assert "is damaged" not in capsys.readouterr().err  # made whole: the third load says nothing
+
+
+@pytest.mark.timeout(60)
+def test_a_damaged_tokenizer_prefix_and_tokenizer_are_made_again(tmp_path, files, monkeypatch, capsys):
+    monkeypatch.setattr(data, "TOKENIZER_TRAIN_BYTES", 300_000)
+    cache = tmp_path / "cache"
+    with FileServer(files) as server:
+        first = load_training_the_tokenizer(server, cache, train_tokens=1_000)
+        [prefix] = cache.rglob("prefix.txt")
+        [learned] = cache.rglob("tokenizer-512.json")
+        prefix.write_bytes(prefix.read_bytes()[: TRAIN_BYTES.index("’".encode()) + 1])  # inside a UTF-8 character
+        capsys.readouterr()
+        again = load_training_the_tokenizer(server, cache, train_tokens=1_000)
+        assert f"{prefix} is damaged (cut short); it is fetched again" in capsys.readouterr().err
+        learned.write_text('{"format": ')
+        third = load_training_the_tokenizer(server, cache, train_tokens=1_000)
+        assert f"{learned} is not a tokenizer file of this program" in capsys.readouterr().err
+    assert first.tokenizer.fingerprint == again.tokenizer.fingerprint == third.tokenizer.fingerprint
 
 
 def load_training_the_tokenizer(server: FileServer, cache: Path, train_tokens: int = ALL) -> data.Splits:

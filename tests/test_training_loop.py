@@ -48,7 +48,8 @@ def test_a_training_step_never_waits_for_the_device(optimizer):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32))
     model_optimizer = main.build_optimizer(model, args, "cpu")
-    batches = data.Batches(np.random.default_rng(0).integers(0, 97, 5000).astype(np.uint16), args, "cpu")
+    tokens = np.random.default_rng(0).integers(0, 97, 5000).astype(np.uint16)
+    batches = data.Batches(tokens, args.batch_size, args.block_size, args.seed, "cpu")
     scaler = torch.amp.GradScaler(enabled=False)
     loop.train_step(model, model_optimizer, scaler, batches, args, contextlib.nullcontext())  # creates the state
     counters = [s["step"] for s in model_optimizer.state.values() if torch.is_tensor(s.get("step"))]
