@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import trace_summary  # noqa: E402
 
-FIGURES = r"\d+x\d+ T\d+ B\d+: ours [\d,]+ tok/s MFU n/a, baseline [\d,]+ tok/s MFU n/a, \d+\.\d\dx"
+CONTENDER = r"[\d,]+ tok/s MFU n/a compile \d+ s"
+FIGURES = rf"\d+x\d+ T\d+ B\d+: ours {CONTENDER}, baseline {CONTENDER}, \d+\.\d\dx"
 LINE = (
-    rf"gpu-step cpu \(CPU\), ours=modern\+Muon, baseline=gpt2\+AdamW, fp32 eager \| default {FIGURES} \| "
+    rf"gpu-step cpu \(CPU\), fp32, dynamo eager \| default {FIGURES} \| "
     rf"gpt2-124M {FIGURES} \| tests: [1-9]\d* passed \(cpu\)"
 )
 
