@@ -1,10 +1,13 @@
-"""bench/gpu.sh runs on a GPU machine that may be lent for minutes only: its CPU dry run proves it works first, and
-what it reads on a GPU (profiler traces) is checked here on traces of that form."""
+"""bench/gpu.sh runs on a GPU machine that may be lent for minutes only: its CPU dry run proves every phase works
+first, and what it reads on a GPU (profiler traces, torch.compile's logs) is checked here on traces of that form."""
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,28 +17,110 @@ from torch.profiler import ProfilerActivity, profile, schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+import gpu_check  # noqa: E402
 import trace_summary  # noqa: E402
 
-CONTENDER = r"[\d,]+ tok/s MFU n/a compile \d+ s"
-FIGURES = rf"\d+x\d+ T\d+ B\d+: ours {CONTENDER}, baseline {CONTENDER}, \d+\.\d\dx"
-LINE = (
-    rf"gpu-step cpu \(CPU\), fp32, dynamo eager \| default {FIGURES} \| "
-    rf"gpt2-124M {FIGURES} \| tests: [1-9]\d* passed \(cpu\)"
-)
+PHASES = [phase.name for phase in gpu_check.PHASES]
 
 
-def test_gpu_script_dry_run_prints_one_line_of_figures():
-    result = subprocess.run(
-        ["bash", "bench/gpu.sh", "--cpu"],
+def gpu_sh(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "bench/gpu.sh", "--cpu", *args],
         cwd=ROOT,
         env=os.environ | {"PYTHON": sys.executable},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
+
+
+@pytest.mark.timeout(300)
+def test_dry_run_runs_every_phase_and_prints_one_line_of_figures(tmp_path):
+    result = gpu_sh("--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == 1 and re.fullmatch(LINE, lines[0]), result.stdout
+    assert len(lines) == 1, result.stdout
+    contender = r"[\d,]+ tok/s MFU n/a compile \d+ s memory/estimate n/a"
+    shape = rf"\d+x\d+ T\d+ B\d+: ours {contender}, baseline {contender}, \d+\.\d\dx, graphs/breaks \d+/\d+ \d+/\d+"
+    bpb = r"bpb ours \d\.\d{3} baseline \d\.\d{3} \(\d\.\d{3}x\)"
+    profiled = r"[\d.]+ ms/step, no GPU events, attention aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert re.fullmatch(
+        rf"gpu-check cpu: CPU \(dry run: the figures mean nothing\), torch \S+, \d+ s of 240 \| tests [1-9]\d* passed"
+        rf" \| default {shape} \| gpt2-124M {shape} \| 2 s training: held-in {bpb}, held-out {bpb}, trained \S+ s, "
+        rf"[\d.]+ (of one pass|passes) over [\d.]+ M tokens( \(repeated text\))? \| profile ours {profiled}; "
+        rf"baseline {profiled} \| training recompiles/graph breaks: ours \d+/\d+, baseline \d+/\d+ \| "
+        r"failed: none \| skipped: none",
+        lines[0],
+    ), lines[0]
+
+    details = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert details["line"] == lines[0]
+    assert {name: details["phases"][name]["status"] for name in PHASES} == dict.fromkeys(PHASES, "ok")
+    for name in ("ours", "baseline"):
+        run = details["phases"][f"train-{name}"]
+        assert run["profile"]["steps"] == 5 and (tmp_path / f"trace-{name}.json.gz").is_file()
+        assert len(run["curve"]) >= 3 and run["max_steps"] == run["curve"][-1]["step"]
+    log = (tmp_path / "gpu-check.log").read_text()
+    assert all(f"===== {name}\n" in log for name in ["preflight", "tests", "step-default", "train-ours"])
+
+
+@pytest.mark.timeout(60)
+def test_what_does_not_fit_the_budget_is_skipped_and_named():
+    result = gpu_sh("--budget", "5")  # the preflight always runs; every other phase needs more than 5 s
+    assert result.returncode == 0, result.stderr
+    skipped = re.search(r"\| skipped: (.*)$", result.stdout.strip())[1]
+    assert re.findall(r"(\S+) \(needs ~\d+ s, \d+ s left\)", skipped) == PHASES
+
+
+@pytest.mark.timeout(90)
+def test_a_failed_training_phase_is_named_and_its_baseline_not_run(tmp_path):
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 64)
+    result = gpu_sh("--data", str(binary), "--skip", "tests,step-default,step-124M")
+    assert result.returncode == 1
+    line = result.stdout.strip()
+    assert re.search(r"\| failed: train-ours \(exit code 2: .*--data .*\) \|", line), line
+    assert "train-baseline (train-ours did not complete: a baseline alone compares nothing)" in line
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_stops_the_running_phase_and_still_prints_the_line():
+    process = subprocess.Popen(
+        ["bash", "bench/gpu.sh", "--cpu", "--skip", "step-default,train-ours,train-baseline,step-124M"],
+        cwd=ROOT,
+        env=os.environ | {"PYTHON": sys.executable},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in process.stderr:
+        if "tests: started" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=20)
+    assert process.returncode == 130
+    assert stdout.strip().endswith("| interrupted: tests (stopped by a signal)"), stdout
+
+
+@pytest.mark.timeout(30)
+def test_bad_arguments_are_one_line_and_exit_2():
+    result = gpu_sh("--skip", "tests,warp-drive")
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith("--skip warp-drive: no such phase; the phases are " + ", ".join(PHASES))
+    )
+
+
+def test_the_plan_in_gpu_sh_is_the_one_gpu_check_runs():
+    rows = re.findall(
+        r"^# \| (\S+)\s+\| (?:T \+ )?(\d+) s\s+\| (?:T ?\+ ?)?(\d+) s", (ROOT / "bench/gpu.sh").read_text(), re.M
+    )
+    assert [(name, float(estimate), float(limit)) for name, estimate, limit in rows[1:]] == [
+        (phase.name, *phase.gpu) for phase in gpu_check.PHASES
+    ]
+    assert rows[0] == ("preflight", "10", str(gpu_check.PREFLIGHT_LIMIT))
 
 
 def cuda_like_trace() -> dict:
@@ -101,3 +186,26 @@ def test_trace_summary_of_a_real_cpu_trace_counts_its_profiled_steps(tmp_path):
     summary = trace_summary.summarize(trace_summary.read_trace(tmp_path / "trace.json.gz"))
     assert summary["steps"] == 3 and not summary["gpu"] and summary["gpu_idle_share"] is None
     assert summary["attention_op"] == "aten::_scaled_dot_product_flash_attention_for_cpu"
+
+
+@pytest.mark.timeout(60)
+def test_torch_compile_logs_are_counted_as_recompiles_and_graph_breaks():
+    program = textwrap.dedent("""
+        import torch
+
+        @torch.compile(backend="eager")
+        def scaled(x, factor):
+            y = x.sin()
+            print("a graph break")
+            return y * factor
+
+        scaled(torch.ones(3), 2)
+        scaled(torch.ones(3), 3)  # another constant: a recompile
+    """)
+    env = os.environ | {"TORCH_LOGS": "recompiles,graph_breaks"}
+    log = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=50).stderr
+    events = gpu_check.dynamo_events(log)
+    assert (events["recompiles"], events["graph_breaks"]) == (1, 1), log
+    assert events["graph_break_lines"][0].startswith("Graph break in user code at <string>:")
+    assert events["recompile_lines"][0].startswith("Recompiling function torch_dynamo_resume_in_scaled")
+    assert "factor == 2" in events["recompile_reasons"][0]
