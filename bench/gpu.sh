@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The first GPU session's work in one command: at most 8 minutes on one H100/H200, nothing downloaded.
+# What a first run on a GPU needs measured, in one command: at most 8 minutes on one H100/H200, nothing downloaded.
 #
 #     bash bench/gpu.sh [--budget 480] [--train_seconds 60] [--skip PHASE,...] [--data FILE] [--wheels DIR] [--out DIR]
 #     bash bench/gpu.sh --cpu      # the dry run: the same phases at tiny shapes on the CPU (CI runs it)
@@ -22,9 +22,15 @@
 #
 # Total with T = 60: about 445 s of the 480. Loss per second (the figure that matters) comes before the 124M shape;
 # if compiles run slow, step-124M is the phase that is skipped, and `--skip tests,step-default,train-ours,
-# train-baseline --budget 200` measures it in a second session. The training text is 2.1 MB (0.47 M tokens), which
+# train-baseline --budget 200` measures it in a second run. The training text is 2.1 MB (0.47 M tokens), which
 # a GPU passes over a hundred times or more in 60 s: the line says how many passes, and --data takes a larger file.
 # The CUDA tests and each phase's TORCH_LOGS=recompiles,graph_breaks counts go into the details.
+#
+# main.py needs clearml. On a machine without it and without network, bring its wheels (made where pip works, for
+# the machine's Python, e.g. 3.12) and pass --wheels DIR; they are installed into the run's own folder:
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d DIR \
+#         clearml furl orderedmultidict pathlib2 pyjwt jsonschema jsonschema-specifications referencing rpds-py
+# (the rest of what clearml needs, numpy, requests, psutil, PyYAML and so on, comes with PyTorch images).
 #
 # Output: progress on stderr, one line of figures last on stdout; with $OUT set (or --out DIR) the details:
 # gpu-check.json, gpu-check.log, gpu-check.txt and the two profiler traces. Exit 0 when every phase that ran

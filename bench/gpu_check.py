@@ -1,5 +1,5 @@
 """
-The first GPU session's measurements in one command, inside a time budget; bench/gpu.sh runs it, and its header
+What a first run on a GPU needs measured, in one command, inside a time budget; bench/gpu.sh runs it, and its header
 holds the plan (each phase's estimate and limit).
 
     bash bench/gpu.sh [--budget 480] [--train_seconds 60] [--skip PHASE,...] [--data FILE] [--held_out FILE]
@@ -269,7 +269,7 @@ def skip_reason(check: Check, phase: Phase) -> str | None:
     if phase.name in check.args.skip:
         return "--skip"
     if training and not check.results["preflight"].get("clearml"):
-        return "main.py needs clearml, which is not installed here (--wheels DIR installs it from wheels)"
+        return "main.py needs clearml, not installed here: --wheels DIR installs it"
     needed = estimate(check, phase)
     if phase.name == "train-ours":  # the pair runs both or neither
         needed += estimate(check, next(p for p in PHASES if p.name == "train-baseline"))
@@ -347,12 +347,16 @@ def loss_segment(seconds: float, ours: dict, baseline: dict) -> str:
         name = key.replace("_", "-")
         parts.append(f"{name} bpb ours {a:.3f} baseline {b:.3f} ({a / b:.3f}x)" if a and b else f"{name} bpb n/a")
     trained = "/".join(f"{r['trained_s']:.0f}" if r.get("trained_s") else "?" for r in (ours, baseline))
+    best = "/".join(f"{r['best_bpb']:.3f}" if r.get("best_bpb") else "?" for r in (ours, baseline))
     passes = max(ours.get("passes") or 0, baseline.get("passes") or 0)
     text = f"{ours.get('training_tokens', 0) / 1e6:.2f} M tokens"
-    repeated = (
-        f"{passes:.0f} passes over {text} (repeated text)" if passes > 1 else f"{passes:.2f} of one pass over {text}"
+    repeated = f"{passes:.0f} passes over {text} (a small text repeated: overfitting counts)"
+    if passes <= 1:
+        repeated = f"{passes:.2f} of one pass over {text}"
+    return (
+        f"{seconds:g} s training: {', '.join(parts)}, best val bpb during the runs {best}, trained {trained} s, "
+        f"{repeated}"
     )
-    return f"{seconds:g} s training: {', '.join(parts)}, trained {trained} s, {repeated}"
 
 
 def profile_segment(ours: dict, baseline: dict) -> str:

@@ -1,6 +1,7 @@
 """bench/gpu.sh runs on a GPU machine that may be lent for minutes only: its CPU dry run proves every phase works
 first, and what it reads on a GPU (profiler traces, torch.compile's logs) is checked here on traces of that form."""
 
+import argparse
 import json
 import os
 import re
@@ -46,8 +47,9 @@ def test_dry_run_runs_every_phase_and_prints_one_line_of_figures(tmp_path):
     profiled = r"[\d.]+ ms/step, no GPU events, attention aten::_scaled_dot_product_flash_attention_for_cpu"
     assert re.fullmatch(
         rf"gpu-check cpu: CPU \(dry run: the figures mean nothing\), torch \S+, \d+ s of 240 \| tests [1-9]\d* passed"
-        rf" \| default {shape} \| gpt2-124M {shape} \| 2 s training: held-in {bpb}, held-out {bpb}, trained \S+ s, "
-        rf"[\d.]+ (of one pass|passes) over [\d.]+ M tokens( \(repeated text\))? \| profile ours {profiled}; "
+        rf" \| default {shape} \| gpt2-124M {shape} \| 2 s training: held-in {bpb}, held-out {bpb}, best val bpb "
+        rf"during the runs \d\.\d{{3}}/\d\.\d{{3}}, trained \S+ s, [\d.]+ (of one pass|passes) over [\d.]+ M tokens"
+        rf"( \(a small text repeated: overfitting counts\))? \| profile ours {profiled}; "
         rf"baseline {profiled} \| training recompiles/graph breaks: ours \d+/\d+, baseline \d+/\d+ \| "
         r"failed: none \| skipped: none",
         lines[0],
@@ -209,3 +211,44 @@ def test_torch_compile_logs_are_counted_as_recompiles_and_graph_breaks():
     assert events["graph_break_lines"][0].startswith("Graph break in user code at <string>:")
     assert events["recompile_lines"][0].startswith("Recompiling function torch_dynamo_resume_in_scaled")
     assert "factor == 2" in events["recompile_reasons"][0]
+
+
+def test_the_line_of_a_gpu_run_reads_its_figures(tmp_path):
+    """What only a GPU gives (MFU, memory, the GPU side of the profile) goes into the line as a CUDA run has it."""
+    args = argparse.Namespace(cpu=False, budget=480.0, train_seconds=60.0, profile_after=30)
+    check = gpu_check.Check(args, tmp_path)
+
+    def contender(tokens_per_s: float, graphs: int) -> dict:
+        return dict(tokens_per_s=tokens_per_s, mfu=0.4123, compile_s=31.4, peak_memory=3 * 2**30,
+                    memory_estimate=4 * 2**30, graphs=graphs, graph_breaks=0)  # fmt: skip
+
+    step = {"label": "gpt2-124M 12x768 T1024 B16", "ours": contender(400_000, 4), "baseline": contender(500_000, 1)}
+    profile = trace_summary.summarize(cuda_like_trace())
+    curve = [dict(step=s, tokens=8192 * s, elapsed=10 + s / 200, bpb=2.0 - s / 20_000) for s in (0, 1000, 12_000)]
+
+    def run(bpb: float) -> dict:
+        result = dict(status="ok", training_tokens=470_000, curve=curve, profile=profile)
+        result |= dict(
+            held_in={"bpb": bpb}, held_out={"bpb": bpb + 0.1}, dynamo_log={"recompiles": 1, "graph_breaks": 0}
+        )
+        return result | gpu_check.training_figures(result)
+
+    check.results = {
+        "preflight": {"status": "ok", "card": "NVIDIA H200", "torch": "2.11.0", "clearml": "2.1.12"},
+        "tests": {"status": "ok", "counts": {"passed": 9}},
+        "step-default": {"status": "skipped", "reason": "--skip"},
+        "train-ours": run(1.2),
+        "train-baseline": run(1.5),
+        "step-124M": {"status": "ok", **step, "ratio": 0.8},
+    }
+    contender_figures = "tok/s MFU 41.2% compile 31 s memory/estimate 0.75"
+    profiled = trace_summary.describe(profile)
+    assert gpu_check.summary_line(check) == (
+        "gpu-check cuda: NVIDIA H200, torch 2.11.0, 0 s of 480 | tests 9 passed | gpt2-124M 12x768 T1024 B16: "
+        f"ours 400,000 {contender_figures}, baseline 500,000 {contender_figures}, 0.80x, graphs/breaks 4/0 1/0 | "
+        "60 s training: held-in bpb ours 1.200 baseline 1.500 (0.800x), held-out bpb ours 1.300 baseline 1.600 "
+        "(0.812x), best val bpb during the runs 1.400/1.400, trained 60/60 s, 209 passes over 0.47 M tokens "
+        "(a small text repeated: overfitting counts) | "
+        f"profile ours {profiled}; baseline {profiled} | training recompiles/graph breaks: ours 1/0, baseline 1/0 | "
+        "failed: none | skipped: step-default (--skip)"
+    )
