@@ -22,8 +22,8 @@
 #
 # Total with T = 60: about 445 s of the 480. Loss per second (the figure that matters) comes before the 124M shape;
 # if compiles run slow, step-124M is the phase that is skipped, and `--skip tests,step-default,train-ours,
-# train-baseline --budget 200` measures it in a second run. The training text is 2.1 MB (0.47 M tokens), which
-# a GPU passes over a hundred times or more in 60 s: the line says how many passes, and --data takes a larger file.
+# train-baseline --budget 200` measures it in a second run. The training text is 2.1 MB (0.47 M training tokens),
+# which a GPU passes over a hundred times or more in 60 s: the line says how many passes; --data takes a larger file.
 # The CUDA tests and each phase's TORCH_LOGS=recompiles,graph_breaks counts go into the details.
 #
 # main.py needs clearml. On a machine without it and without network, bring its wheels (made where pip works, for
