@@ -19,6 +19,8 @@ stdout (progress on stderr); --json writes them all.
 - Peak memory: torch.cuda.max_memory_allocated over the warm-up steps, less what was allocated before the
   candidate was built, against `training_memory(batch_size)`.
 - Graphs: torch._dynamo's counters (graphs made, graph breaks) before and after each candidate's warm-up.
+- Host syncs per step: what torch.cuda's sync debug mode reports over two warm-up steps (a per-step `.item()`
+  in the model or the optimizer would show here).
 
 --cpu runs the same at tiny shapes in fp32, compiled with dynamo's "eager" backend (graphs are captured and counted,
 no code is generated): it checks the script in seconds, its figures mean nothing.
@@ -29,6 +31,7 @@ import inspect
 import json
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,7 +134,7 @@ class Candidate:
         devices.synchronize(self.device)
         self.figures["compile_s"] = time.perf_counter() - started
         self.step()
-        self.step()
+        self.figures["syncs_per_step"] = self.host_syncs(steps=2)
         devices.synchronize(self.device)
         new_graphs, new_breaks = graph_counts()
         self.figures.update(graphs=new_graphs - graphs, graph_breaks=new_breaks - breaks)
@@ -145,6 +148,23 @@ class Candidate:
             f"{f['graphs']} graphs, {f['graph_breaks']} graph breaks",
             file=sys.stderr,
         )
+
+    def host_syncs(self, steps: int) -> float | None:
+        """Operations per step that make the host wait for the GPU (`.item()`, a device-to-host copy...), as
+        torch.cuda's sync debug mode reports them; None on the CPU."""
+        if self.device != "cuda":
+            for _ in range(steps):
+                self.step()
+            return None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(steps):
+                    self.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught) / steps
 
 
 def time_rounds(candidates: list[Candidate], device: str, steps: int, rounds: int) -> None:

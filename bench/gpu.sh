@@ -13,7 +13,7 @@
 # | tests          | 45 s     | 90 s   | tests/test_model.py -k cuda (Muon's compiled update among them), no xdist |
 # | step-default   | 60 s     | 120 s  | 6x384, T256, B32, vocab 4096: ours (modern + Muon) and the GPT-2 baseline  |
 # |                |          |        | (--arch gpt2, fused AdamW): compile time, tokens/s, MFU, peak memory       |
-# |                |          |        | against training_memory(), graphs and graph breaks (two compiles ~25 s)    |
+# |                |          |        | against training_memory(), graphs and graph breaks, host syncs per step    |
 # | train-ours     | T + 55 s | T+120 s| main.py --max_seconds T at the default shape, 10 evaluations, 5 steps      |
 # |                |          |        | profiled (H2D copy kind, syncs/step, GPU idle, attention kernel); then     |
 # |                |          |        | --eval_only --resume: held-in (the file's val split) and held-out bpb      |

@@ -326,7 +326,8 @@ def contender_figures(c: dict) -> str:
     memory = "n/a"
     if c.get("peak_memory") and c.get("memory_estimate"):
         memory = f"{c['peak_memory'] / c['memory_estimate']:.2f}"
-    return f"{c['tokens_per_s']:,.0f} tok/s MFU {mfu} compile {c['compile_s']:.0f} s memory/estimate {memory}"
+    syncs = f", {c['syncs_per_step']:g} syncs/step" if c.get("syncs_per_step") is not None else ""
+    return f"{c['tokens_per_s']:,.0f} tok/s MFU {mfu} compile {c['compile_s']:.0f} s memory/estimate {memory}{syncs}"
 
 
 def step_segment(result: dict) -> str:
@@ -351,7 +352,9 @@ def loss_segment(seconds: float, ours: dict, baseline: dict) -> str:
     passes = max(ours.get("passes") or 0, baseline.get("passes") or 0)
     text = f"{ours.get('training_tokens', 0) / 1e6:.2f} M tokens"
     repeated = f"{passes:.0f} passes over {text} (a small text repeated: overfitting counts)"
-    if passes <= 1:
+    if not passes:
+        repeated = "passes over the text n/a"
+    elif passes <= 1:
         repeated = f"{passes:.2f} of one pass over {text}"
     return (
         f"{seconds:g} s training: {', '.join(parts)}, best val bpb during the runs {best}, trained {trained} s, "

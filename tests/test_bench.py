@@ -220,7 +220,7 @@ def test_the_line_of_a_gpu_run_reads_its_figures(tmp_path):
 
     def contender(tokens_per_s: float, graphs: int) -> dict:
         return dict(tokens_per_s=tokens_per_s, mfu=0.4123, compile_s=31.4, peak_memory=3 * 2**30,
-                    memory_estimate=4 * 2**30, graphs=graphs, graph_breaks=0)  # fmt: skip
+                    memory_estimate=4 * 2**30, graphs=graphs, graph_breaks=0, syncs_per_step=0.0)  # fmt: skip
 
     step = {"label": "gpt2-124M 12x768 T1024 B16", "ours": contender(400_000, 4), "baseline": contender(500_000, 1)}
     profile = trace_summary.summarize(cuda_like_trace())
@@ -241,7 +241,7 @@ def test_the_line_of_a_gpu_run_reads_its_figures(tmp_path):
         "train-baseline": run(1.5),
         "step-124M": {"status": "ok", **step, "ratio": 0.8},
     }
-    contender_figures = "tok/s MFU 41.2% compile 31 s memory/estimate 0.75"
+    contender_figures = "tok/s MFU 41.2% compile 31 s memory/estimate 0.75, 0 syncs/step"
     profiled = trace_summary.describe(profile)
     assert gpu_check.summary_line(check) == (
         "gpu-check cuda: NVIDIA H200, torch 2.11.0, 0 s of 480 | tests 9 passed | gpt2-124M 12x768 T1024 B16: "
