@@ -20,10 +20,11 @@ Design choices:
   gpu-check.json (every figure), gpu-check.log (every phase's output), gpu-check.txt (the line) and each
   contender's profiler trace (trace-NAME.json.gz).
 - Exit: 0 when every phase that ran passed; 1 when one failed or was stopped at its limit; 2 for a bad argument or
-  no CUDA device; 130 when interrupted (the running phase is stopped, the line still printed).
+  no CUDA device; 130 on Ctrl+C or SIGTERM (the running phase's processes are killed, the line still printed).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -94,6 +95,37 @@ class PhaseFailed(Exception):
         self.output = output
 
 
+class Stop:
+    """SIGINT and SIGTERM stop the check (KeyboardInterrupt), except while a phase's process is being started:
+    then the signal waits until that process exists, so it is killed rather than left running."""
+
+    def __init__(self):
+        self.deferring, self.pending = False, False
+
+    def __call__(self, signum, frame):
+        if self.deferring:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+
+    def take_pending(self) -> None:
+        """Raise the KeyboardInterrupt of a signal that came while deferred."""
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+STOP = Stop()
+
+
 class Check:
     """The budget, the work folder, and what each phase found."""
 
@@ -127,10 +159,12 @@ class Check:
         with open(log, "a", encoding="utf-8") as out:
             out.write(f"$ {shlex.join(command)}\n")
             out.flush()
-            process = subprocess.Popen(
-                command, cwd=ROOT, env=env or self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            with STOP.deferred():  # a signal while the child starts is taken once there is a process to kill
+                process = subprocess.Popen(
+                    command, cwd=ROOT, env=env or self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
             try:
+                STOP.take_pending()
                 code = process.wait(timeout=limit)
             except subprocess.TimeoutExpired:
                 code = None
@@ -460,13 +494,10 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     args = parse_args()
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    signal.signal(signal.SIGINT, STOP)
+    signal.signal(signal.SIGTERM, STOP)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     check, code = Check(args, work), 0
     try:

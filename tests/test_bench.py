@@ -252,3 +252,14 @@ def test_the_line_of_a_gpu_run_reads_its_figures(tmp_path):
         f"profile ours {profiled}; baseline {profiled} | training recompiles/graph breaks: ours 1/0, baseline 1/0 | "
         "failed: none | skipped: step-default (--skip)"
     )
+
+
+def test_a_signal_while_a_phase_starts_waits_until_its_process_can_be_killed():
+    stop = gpu_check.Stop()
+    with stop.deferred():
+        stop(signal.SIGTERM, None)  # while Popen runs: no exception, the child would be left unkilled
+    with pytest.raises(KeyboardInterrupt):
+        stop.take_pending()
+    stop.take_pending()  # taken once
+    with pytest.raises(KeyboardInterrupt):
+        stop(signal.SIGINT, None)
