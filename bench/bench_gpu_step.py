@@ -1,34 +1,45 @@
 """
-Tokens/s and MFU of this project's default training step against the GPT-2 baseline, same shape, same process.
+One training step, ours against the GPT-2 baseline, same shape, same process: tokens/s, MFU, compile time, peak
+memory against the model's own estimate, and the graphs torch.compile made.
 
-    python bench/bench_gpu_step.py [--cpu] [--nanogpt PATH_TO_NANOGPT_CHECKOUT]
+    python bench/bench_gpu_step.py [--cpu] [--shape default|gpt2-124M] [--json PATH] [--steps N] [--rounds N]
 
-Prints one line of figures on stdout (progress goes to stderr); bench/gpu.sh runs it after the CUDA tests.
-- ours: the modern block with Muon, as main.py trains by default;
-- baseline: the GPT-2 block (learned positions, LayerNorm, GELU, tied embeddings, F.cross_entropy) with fused
-  AdamW, as nanoGPT trains it: this project's `--arch gpt2`, or nanoGPT's own model.py when --nanogpt is given.
-Both run in bf16 autocast and torch.compile'd, at two shapes: the default one (6 layers, 6 heads, 384 wide,
-block 256, batch 32, vocab 4096) and GPT-2 124M (12 layers, 12 heads, 768 wide, block 1024, batch 16, vocab 50304).
-A step is forward with loss, backward, gradient clipping, optimizer step, zero_grad, on a fixed batch already on
-the device. Compilation happens in warm-up steps, outside the timing; candidates are timed in alternating rounds
-with the device synchronized, best round each. MFU is the model's training FLOPs per token (6N + attention, as
-main.py reports it) times tokens/s over the card's dense bf16 peak.
+bench/gpu.sh runs it once per shape, each in its own process and time limit. It prints one line of figures on
+stdout (progress on stderr); --json writes them all.
+- ours: the modern block with Muon, main.py's defaults; baseline: this program's `--arch gpt2` with fused AdamW,
+  the GPT-2 block as nanoGPT trains it. Both bf16 autocast, the model torch.compile'd as main.py compiles it, Muon's
+  update compiled as `configure_optimizers` does on CUDA.
+- Shapes: the default one (6 layers, 6 heads, 384 wide, block 256, batch 32, vocab 4096) and GPT-2 124M
+  (12 layers, 12 heads, 768 wide, block 1024, batch 16, vocab 50304).
+- A step: forward with loss, backward, gradient clipping, optimizer step, zero_grad, on a fixed batch already on
+  the device (the batch's way to the GPU is profiled in main.py's own loop by bench/gpu_train.py).
+- Compile time: the first step, synchronised, is mostly compilation; two more warm-up steps follow.
+- Timing: candidates alternate in rounds, the device synchronised around each, best round each. MFU is the model's
+  training FLOPs per token (`flops_per_token`, as main.py reports it) times tokens/s over `devices.peak_flops`.
+- Peak memory: torch.cuda.max_memory_allocated over the warm-up steps, less what was allocated before the
+  candidate was built, against `training_memory(batch_size)`.
+- Graphs: torch._dynamo's counters (graphs made, graph breaks) before and after each candidate's warm-up.
+- Host syncs per step: what torch.cuda's sync debug mode reports over two warm-up steps (a per-step `.item()`
+  in the model or the optimizer would show here).
 
---cpu runs the same at tiny shapes in fp32, eagerly: it checks the script, its figures mean nothing.
+--cpu runs the same at tiny shapes in fp32, compiled with dynamo's "eager" backend (graphs are captured and counted,
+no code is generated): it checks the script in seconds, its figures mean nothing.
 """
 
 import argparse
-import contextlib
+import inspect
+import json
 import sys
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_train_step import load_nanogpt  # noqa: E402
-
+import devices  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
@@ -51,118 +62,174 @@ class Shape:
     def label(self) -> str:
         return f"{self.name} {self.n_layer}x{self.n_embd} T{self.block_size} B{self.batch_size}"
 
-
-GPU_SHAPES = [Shape("default", 6, 6, 384, 256, 32, 4096), Shape("gpt2-124M", 12, 12, 768, 1024, 16, 50304)]
-CPU_SHAPES = [Shape("default", 2, 2, 64, 64, 4, 256), Shape("gpt2-124M", 2, 4, 96, 128, 2, 512)]
-# Dense bf16 peaks, most specific name first; None (MFU "n/a") for other devices.
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.block_size
 
 
-def peak_flops(device: str) -> float | None:
-    if device != "cuda":
+GPU_SHAPES = {
+    "default": Shape("default", 6, 6, 384, 256, 32, 4096),
+    "gpt2-124M": Shape("gpt2-124M", 12, 12, 768, 1024, 16, 50304),
+}
+CPU_SHAPES = {  # the dry run's; bench/gpu_check.py trains at the first one (DRY_RUN_SHAPE there)
+    "default": Shape("default", 2, 2, 32, 32, 8, 512),
+    "gpt2-124M": Shape("gpt2-124M", 2, 4, 64, 64, 4, 1024),
+}
+# main.py's default optimizer settings for ours; nanoGPT's learning rate for the baseline (speed does not depend on
+# them, but the optimizer's state and work do on which optimizer it is).
+OURS = dict(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), muon_lr=0.02)
+BASELINE = dict(weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95))
+
+
+def memory_estimate(model: GPT, batch_size: int, dtype: str) -> int | None:
+    """`model.training_memory`, given the autocast dtype where it takes one; None where the model has no estimate."""
+    estimate = getattr(model, "training_memory", None)
+    if estimate is None:
         return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_BF16 if key in name), None)
+    extra = {"dtype": dtype} if "dtype" in inspect.signature(estimate).parameters else {}
+    return int(estimate(batch_size, **extra))
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def graph_counts() -> tuple[int, int]:
+    """Graphs torch._dynamo made so far in this process, and graph breaks it met."""
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
-def make_step(model, optimizer, shape: Shape, device: str):
-    autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
-    x, y = (torch.randint(0, shape.vocab_size, (shape.batch_size, shape.block_size), device=device) for _ in "xy")
-    step_model = torch.compile(model) if device == "cuda" else model
+class Candidate:
+    """One model with its optimizer and compiled step, and what its warm-up measured."""
 
-    def step():
-        with autocast:
-            _, loss = step_model(x, y)
+    def __init__(self, name: str, arch: str, shape: Shape, device: str):
+        self.name, self.shape, self.device = name, shape, device
+        self.dtype = "bfloat16" if device == "cuda" else "float32"
+        allocated_before = torch.cuda.memory_allocated() if device == "cuda" else 0
+        torch.manual_seed(0)
+        self.model = GPT(GPTConfig(**shape.model_args(), arch=arch)).to(device)
+        settings = OURS if arch == "modern" else BASELINE
+        self.optimizer = self.model.configure_optimizers(
+            settings["weight_decay"], settings["learning_rate"], settings["betas"], device,
+            muon_lr=settings.get("muon_lr"), compile_muon=device == "cuda",
+        )  # fmt: skip
+        backend = "inductor" if device == "cuda" else "eager"
+        self.step_model = torch.compile(self.model, backend=backend)
+        self.autocast = devices.autocast(device, self.dtype)
+        shape_bt = (shape.batch_size, shape.block_size)
+        self.x, self.y = (torch.randint(0, shape.vocab_size, shape_bt, device=device) for _ in "xy")
+        self.figures = {"flops_per_token": self.model.flops_per_token(), "params": self.model.num_params()}
+        self.allocated_before = allocated_before
+
+    def step(self) -> None:
+        with self.autocast:
+            _, loss = self.step_model(self.x, self.y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
-    return step
-
-
-def candidates(shape: Shape, device: str, nanogpt: Path | None) -> dict:
-    """name -> (step function, training FLOPs per token)."""
-    torch.manual_seed(0)
-    ours = GPT(GPTConfig(**shape.model_args(), arch="modern")).to(device)
-    gpt2_config = GPTConfig(**shape.model_args(), arch="gpt2")
-    with torch.device("meta"):
-        gpt2_flops = GPT(gpt2_config).flops_per_token()  # nanoGPT's model has the same weights at bias=False
-    with contextlib.redirect_stdout(sys.stderr):  # nanoGPT prints its parameter counts
-        if nanogpt is None:
-            baseline = GPT(gpt2_config).to(device)
-        else:
-            nano = load_nanogpt(nanogpt)
-            baseline = nano.GPT(nano.GPTConfig(**shape.model_args())).to(device)
-        baseline_optimizer = baseline.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device)
-    ours_optimizer = ours.configure_optimizers(0.1, 6e-3, (0.9, 0.95), device, muon_lr=0.02)
-    return {
-        "ours": (make_step(ours, ours_optimizer, shape, device), ours.flops_per_token()),
-        "baseline": (make_step(baseline, baseline_optimizer, shape, device), gpt2_flops),
-    }
-
-
-def measure(shape: Shape, device: str, nanogpt: Path | None, steps: int, rounds: int) -> dict:
-    """name -> tokens per second, best round."""
-    runs = candidates(shape, device, nanogpt)
-    for name, (step, _) in runs.items():
+    def warm_up(self) -> None:
+        """Compile (the first step) and two more steps; record compile time, peak memory and graph counts."""
+        graphs, breaks = graph_counts()
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        for _ in range(3):
-            step()
-        synchronize(device)
-        seconds = time.perf_counter() - started
-        print(f"{shape.label()}, {name}: warm-up and compilation {seconds:.1f} s", file=sys.stderr)
-    best = dict.fromkeys(runs, float("inf"))
+        self.step()
+        devices.synchronize(self.device)
+        self.figures["compile_s"] = time.perf_counter() - started
+        self.step()
+        self.figures["syncs_per_step"] = self.host_syncs(steps=2)
+        devices.synchronize(self.device)
+        new_graphs, new_breaks = graph_counts()
+        self.figures.update(graphs=new_graphs - graphs, graph_breaks=new_breaks - breaks)
+        self.figures["memory_estimate"] = memory_estimate(self.model, self.shape.batch_size, self.dtype)
+        self.figures["peak_memory"] = None
+        if self.device == "cuda":
+            self.figures["peak_memory"] = torch.cuda.max_memory_allocated() - self.allocated_before
+        f = self.figures
+        print(
+            f"{self.shape.label()}, {self.name}: compiled and warmed up in {f['compile_s']:.1f} s, "
+            f"{f['graphs']} graphs, {f['graph_breaks']} graph breaks",
+            file=sys.stderr,
+        )
+
+    def host_syncs(self, steps: int) -> float | None:
+        """Operations per step that make the host wait for the GPU (`.item()`, a device-to-host copy...), as
+        torch.cuda's sync debug mode reports them; None on the CPU."""
+        if self.device != "cuda":
+            for _ in range(steps):
+                self.step()
+            return None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(steps):
+                    self.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught) / steps
+
+
+def time_rounds(candidates: list[Candidate], device: str, steps: int, rounds: int) -> None:
+    """Best-round tokens/s of each candidate, rounds alternating between them."""
+    best = dict.fromkeys((c.name for c in candidates), float("inf"))
     for _ in range(rounds):
-        for name, (step, _) in runs.items():
-            synchronize(device)
+        for c in candidates:
+            devices.synchronize(device)
             started = time.perf_counter()
             for _ in range(steps):
-                step()
-            synchronize(device)
-            best[name] = min(best[name], time.perf_counter() - started)
-    tokens = steps * shape.batch_size * shape.block_size
-    return {name: (tokens / best[name], flops) for name, (_, flops) in runs.items()}
+                c.step()
+            devices.synchronize(device)
+            best[c.name] = min(best[c.name], time.perf_counter() - started)
+    peak = devices.peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None
+    for c in candidates:
+        c.figures["step_ms"] = 1000 * best[c.name] / steps
+        c.figures["tokens_per_s"] = steps * c.shape.tokens_per_step() / best[c.name]
+        c.figures["mfu"] = c.figures["tokens_per_s"] * c.figures["flops_per_token"] / peak if peak else None
 
 
-def figures(tokens_per_s: float, flops_per_token: int, peak: float | None) -> str:
-    mfu = f"{100 * tokens_per_s * flops_per_token / peak:.1f}%" if peak else "n/a"
-    return f"{tokens_per_s:,.0f} tok/s MFU {mfu}"
+def measure(shape: Shape, device: str, steps: int, rounds: int) -> dict:
+    """Both candidates at one shape: their figures and the ratio of their tokens/s."""
+    candidates = []
+    for name, arch in (("ours", "modern"), ("baseline", "gpt2")):
+        candidates.append(Candidate(name, arch, shape, device))
+        candidates[-1].warm_up()
+    time_rounds(candidates, device, steps, rounds)
+    ours, baseline = (c.figures for c in candidates)
+    result = {"shape": asdict(shape), "label": shape.label(), "ours": ours, "baseline": baseline}
+    result["ratio"] = ours["tokens_per_s"] / baseline["tokens_per_s"]
+    del candidates
+    if device == "cuda":
+        torch._dynamo.reset()  # a next shape compiles afresh, and this one's graphs free their memory
+        torch.cuda.empty_cache()
+    return result
+
+
+def describe(result: dict) -> str:
+    def figures(c: dict) -> str:
+        mfu = f"{100 * c['mfu']:.1f}%" if c["mfu"] is not None else "n/a"
+        return f"{c['tokens_per_s']:,.0f} tok/s MFU {mfu} compile {c['compile_s']:.0f} s"
+
+    ours, baseline = result["ours"], result["baseline"]
+    return f"{result['label']}: ours {figures(ours)}, baseline {figures(baseline)}, {result['ratio']:.2f}x"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU, eager fp32: a dry run of the script")
-    p.add_argument("--nanogpt", type=Path, help="a checkout of nanoGPT: its model.py is the baseline")
+    p.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU, fp32, dynamo only: a dry run")
+    p.add_argument("--shape", choices=list(GPU_SHAPES), action="append", help="the shape to time (default: both)")
     p.add_argument("--steps", type=int, default=None, help="steps per timed round (default: 20, 2 with --cpu)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 3, 1 with --cpu)")
+    p.add_argument("--json", type=Path, help="write every figure to this file")
     args = p.parse_args()
     steps, rounds = args.steps or (2 if args.cpu else 20), args.rounds or (1 if args.cpu else 3)
-    if args.nanogpt is not None and not (args.nanogpt / "model.py").is_file():
-        p.error(f"--nanogpt {args.nanogpt}: no model.py there")
     device = "cpu" if args.cpu else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device; --cpu runs the dry run")
-    peak = peak_flops(device)
+    shapes = CPU_SHAPES if args.cpu else GPU_SHAPES
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    baseline, mode = "nanoGPT" if args.nanogpt else "gpt2+AdamW", "fp32 eager" if args.cpu else "bf16 compiled"
-    parts = [f"gpu-step {device} ({card}), ours=modern+Muon, baseline={baseline}, {mode}"]
-    for shape in CPU_SHAPES if args.cpu else GPU_SHAPES:
-        result = measure(shape, device, args.nanogpt, steps, rounds)
-        (ours, ours_flops), (base, base_flops) = result["ours"], result["baseline"]
-        parts.append(
-            f"{shape.label()}: ours {figures(ours, ours_flops, peak)}, baseline {figures(base, base_flops, peak)}, "
-            f"{ours / base:.2f}x"
-        )
-        if device == "cuda":
-            torch._dynamo.reset()  # the next shape compiles afresh, and this one's graphs free their memory
-            torch.cuda.empty_cache()
-    print(" | ".join(parts), flush=True)
+    results = [measure(shapes[name], device, steps, rounds) for name in args.shape or list(shapes)]
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "card": card, "shapes": results}, indent=1))
+    mode = "fp32, dynamo eager" if args.cpu else "bf16, compiled"
+    print(" | ".join([f"gpu-step {device} ({card}), {mode}", *map(describe, results)]), flush=True)
 
 
 if __name__ == "__main__":
