@@ -279,6 +279,8 @@ def check(cfg: Config) -> None:
         raise UsageError("--eval_split all scores a whole local file: it needs --eval_only and --data FILE")
     if cfg.n_embd % cfg.n_head:
         raise UsageError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
+    if cfg.baseline and cfg.out_dir and Path(cfg.baseline).resolve() == Path(cfg.out_dir).resolve():
+        raise UsageError(f"--baseline {cfg.baseline} is this run's own --out_dir: a run cannot be its own baseline")
     if cfg.min_lr is not None and cfg.min_lr > cfg.learning_rate:
         raise UsageError(f"--min_lr {cfg.min_lr} is above --learning_rate {cfg.learning_rate}")
 

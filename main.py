@@ -278,7 +278,13 @@ def build_state(cfg: Config, splits: data.Splits, saved: dict | None, machine: d
     if saved is not None:
         try:
             state.load_state_dict(saved)
-        except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
+        except RuntimeError as e:  # load_state_dict's own report: the first line that names a tensor
+            named = [line.strip() for line in str(e).splitlines() if "size mismatch" in line or "key(s)" in line]
+            detail = (named or [type(e).__name__])[0][:200]
+            raise UsageError(
+                f"--resume {cfg.resume}: its weights do not fit its recorded model shape ({detail})"
+            ) from None
+        except (ValueError, KeyError, IndexError, TypeError) as e:
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UsageError(f"--resume {cfg.resume}: its state does not fit this program's model and optimizer "
                              f"({detail})") from None  # fmt: skip

@@ -44,7 +44,10 @@ import trace_summary  # noqa: E402
 
 TRAIN_FILE = ROOT / "tests" / "data" / "tinystories-train-sample.txt"
 HELD_OUT_FILE = ROOT / "tests" / "data" / "tinystories-valid-sample.txt"
-TEST_FILES = ("tests/test_model.py", "tests/test_batches.py")  # the files whose tests take a `device` (run here with -k cuda)
+TEST_FILES = (
+    "tests/test_model.py",
+    "tests/test_batches.py",
+)  # the files whose tests take a `device` (run here with -k cuda)
 GPU_SHAPE = "--n_layer 6 --n_head 6 --n_embd 384 --block_size 256 --batch_size 32 --vocab_size 4096"
 DRY_RUN_SHAPE = "--n_layer 2 --n_head 2 --n_embd 32 --block_size 32 --batch_size 8 --vocab_size 512"
 BASELINE_FLAGS = "--arch gpt2 --optimizer adamw --learning_rate 6e-4 --min_lr 6e-5"
