@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +85,7 @@ class Splits:
     val_bytes: int  # UTF-8 bytes of the text behind `val`, for bits per byte
     tokenizer: Tokenizer
     tag: str  # what the run is tagged with: "tinystories" or the file's name
+    sources: list[dict] = field(default_factory=list)  # TinyStories: each file's cache record (url, size, etag, bytes)
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -622,4 +623,5 @@ def load_tinystories(
         val_bytes=valid["bytes"],
         tokenizer=tokenizer,
         tag="tinystories",
+        sources=[train, valid],
     )
