@@ -36,10 +36,15 @@ Design choices:
   attach local ranks to their node's task by itself, and create one task per node.)
 - `--queue` hands the task, its flags connected, to clearml-agent with `Task.execute_remotely`; on the agent the
   same call does nothing and the run trains there.
+- What reproducing a run needs (provenance.py) goes into the record, as run.json's `reproduce` section with the
+  patch beside it in `code.patch`, and into the task, as the configuration object `reproduce` and the artifact
+  `code.patch`, so an offline session alone is enough to reproduce the run. A resumed run records its own, and
+  writes a patch of its own only where its code changed.
 """
 
 import ast
 import contextlib
+import hashlib
 import importlib.metadata
 import io
 import json
@@ -53,6 +58,7 @@ import time
 import unicodedata
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import requests
 from clearml import OutputModel, Task
@@ -66,10 +72,15 @@ from clearml.utilities.resource_monitor import ResourceMonitor
 
 import data
 
+if TYPE_CHECKING:
+    from provenance import Provenance
+
 SERVER_TIMEOUT_S = 3.0
 SAMPLE_TITLE = "Generated Sample"
 SAMPLE_TABLE_ROWS = 500  # the table is sent whole at each evaluation; the latest rows are the ones worth the bytes
 SOURCE_DIR = Path(__file__).resolve().parent
+REPRODUCE = "reproduce"  # the name of the task's configuration object with run.json's "reproduce" section
+PATCH = "code.patch"  # the patch of a run's uncommitted changes, in its folder and as the task's artifact
 
 
 class ConfigError(Exception):
@@ -352,6 +363,13 @@ class Tracker:
             SAMPLE_TITLE, f"step {step}", iteration=step, stream=io.StringIO(text), file_extension=".txt"
         )
 
+    def keep_for_reproducing(self, record: dict, patch: Path | None) -> None:
+        """run.json's `reproduce` section as configuration object `reproduce`, the patch as artifact `code.patch`."""
+        self.task.set_configuration_object(REPRODUCE, config_text=json.dumps(record, indent=1), config_type="json",
+                                           description="what python main.py --reproduce needs")  # fmt: skip
+        if patch is not None:
+            self.task.upload_artifact(PATCH, artifact_object=patch, wait_on_upload=True)
+
     def register_checkpoint(self, path: Path, tokenizer_path: Path, step: int) -> None:
         """The checkpoint as the task's output model, the tokenizer as an artifact."""
         model = OutputModel(task=self.task, name="checkpoint", framework="PyTorch")
@@ -399,12 +417,15 @@ class RunRecord:
         self.started = time.monotonic()
 
     def start(self, tracker: Tracker, flags: dict, dataset: str, tokenizer_fingerprint: str, vocab_size: int,
-              step: int, resumed: bool) -> None:  # fmt: skip
-        """Write the header of a new run, or mark where a resumed run continues its record."""
+              step: int, resumed: bool, provenance: "Provenance | None" = None) -> None:  # fmt: skip
+        """Write the header of a new run, or mark where a resumed run continues its record; with what reproducing it
+        needs (provenance.capture)."""
         clearml = clearml_location(tracker)
-        if resumed and self.header_path.is_file():
+        continuing = resumed and self.header_path.is_file()
+        reproduce = {"reproduce": self.keep_provenance(provenance, tracker, step, continuing)} if provenance else {}
+        if continuing:
             self.elapsed_before = last_elapsed(self.metrics_path)
-            self.append({"event": "resumed", "step": step, "flags": flags, "clearml": clearml})
+            self.append({"event": "resumed", "step": step, "flags": flags, "clearml": clearml, **reproduce})
             return
         for path in (self.header_path, self.metrics_path):  # a reused folder keeps the earlier run's record aside
             if path.exists():
@@ -420,9 +441,25 @@ class RunRecord:
             "clearml": clearml,
             "world_size": 1,
             "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+            **reproduce,
         }
         data.write_atomic(self.header_path, (json.dumps(header, indent=1, default=str) + "\n").encode())
         self.append({"event": "status", "status": "running", "step": step})
+
+    def keep_provenance(self, provenance: "Provenance", tracker: Tracker, step: int, continuing: bool) -> dict:
+        """The patch written beside the record (by a resumed run, only where its code changed), and both given to
+        the task; returns the record's `reproduce` section, naming the patch's file."""
+        record = {**provenance.record, "code": dict(provenance.record["code"])}
+        code, patch = record["code"], None
+        if code.get("commit"):
+            patch = self.folder / PATCH
+            if continuing and file_digest(patch) != code["patch_sha256"]:
+                patch = self.folder / f"code.resumed-{step}.patch"  # the code changed since the run started
+            if not (continuing and patch.name == PATCH):
+                data.write_atomic(patch, provenance.patch)
+            code["patch"] = patch.name
+        tracker.keep_for_reproducing(record, patch)
+        return record
 
     def evaluation(self, step: int, tokens: int, loss_train: float, loss_val: float, bpb: float, lr: float,
                    sample: str) -> None:  # fmt: skip
@@ -470,6 +507,14 @@ def git_state(path: Path) -> tuple[str | None, bool | None]:
     if commit.returncode or changes.returncode:
         return None, None
     return commit.stdout.strip(), bool(changes.stdout.strip())
+
+
+def file_digest(path: Path) -> str | None:
+    """The sha256 of a file's bytes, or None where there is no such file."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def last_elapsed(metrics_path: Path) -> float:
