@@ -69,6 +69,8 @@ import compare
 import data
 import devices
 import distributed
+import provenance
+import reproduce
 import tracking
 from errors import UsageError
 from model import ARCHS, GPT, GPTConfig, enable_tf32
@@ -275,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--out_dir", default=None, help="run folder for the checkpoint (default: runs/<time>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
+    g.add_argument("--reproduce", default=None, metavar="RUN", help="rerun a recorded run from its own code and "
+                   "compare every evaluation (main.py --reproduce RUN --help for its options)")  # fmt: skip
     g.add_argument(
         "--new_data", action="store_true", help="with --resume: allow training on another --data than the run's"
     )
@@ -682,11 +686,14 @@ def claim_run_folder(parser: argparse.ArgumentParser, args: argparse.Namespace, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if reproduce.requested(argv):
+        return reproduce.main(argv, build_parser())
     stop = StopFlag()
     stop.install()
     try:
         distributed.setup()
-        return run(sys.argv[1:] if argv is None else argv, stop)
+        return run(argv, stop)
     except KeyboardInterrupt:
         say("interrupted before training started; nothing to save")
         return EXIT_ABORTED
@@ -800,7 +807,9 @@ def train(
     val_text_tokens, val_text_bytes = text_only(splits.val, splits.val_bytes, tokenizer)
 
     record = tracking.RunRecord(out_dir) if distributed.is_main() else tracking.NoTracker()  # rank 0 writes it
-    record.start(tracker, vars(args), splits.tag, tokenizer.fingerprint, tokenizer.vocab_size, step, bool(checkpoint))
+    recorded = provenance.capture(args.data, splits.sources, device, dtype) if distributed.is_main() else None
+    record.start(tracker, vars(args), splits.tag, tokenizer.fingerprint, tokenizer.vocab_size, step, bool(checkpoint),
+                 provenance=recorded)  # fmt: skip
     abort_reason = None
     print(
         f"{model.num_params() / 1e6:.2f}M parameters, {len(splits.train):,} training tokens, device {device}, "
@@ -918,6 +927,7 @@ def train(
             fix_steps_from_budget(time.perf_counter() - started)
         if default_warmup:
             tracker.update_flags({"warmup_steps": args.warmup_steps})
+        record.append({"event": "settled", "flags": {"max_steps": args.max_steps, "warmup_steps": args.warmup_steps}})
         bar = tqdm(total=args.max_steps, initial=step, desc="training", dynamic_ncols=True, mininterval=1.0)
         while step < args.max_steps:
             if step % args.eval_interval == 0 and step != evaluated_at:

@@ -226,6 +226,36 @@ class QueueError(Exception):
     """A run that cannot be handed to a queue; the message is one line for the user."""
 
 
+class TaskError(Exception):
+    """A task that cannot be read from the server; the message is one line for the user."""
+
+
+def task_as_session(task_id: str, folder: Path) -> None:
+    """The server's task `task_id` written into `folder` as an offline session's files, for --reproduce: task.json,
+    its scalars and last `Generated Sample` table in metrics.jsonl, and its code.patch artifact."""
+    server = configured_server()
+    problem = "is not configured" if server is None else server_problem(server, *credentials())
+    if problem:
+        raise TaskError(f"task {task_id}: the ClearML server {server or ''} {problem}; give the run's folder instead")
+    try:
+        task = Task.get_task(task_id=task_id)
+        scalars, plots = task.get_reported_scalars(), task.get_reported_plots()
+        patch = task.artifacts[PATCH].get_local_copy(raise_on_error=True) if PATCH in task.artifacts else None
+    except Exception as e:  # an unknown id, an unreachable files server: ClearML raises its own kinds
+        raise TaskError(f"task {task_id} cannot be read from the ClearML server {server}: {e}") from None
+    events = [{"type": "training_stats_scalar", "metric": title, "variant": series, "iter": int(x), "value": y}
+              for title, curves in scalars.items() for series, xy in curves.items()
+              for x, y in zip(xy["x"], xy["y"], strict=True)]  # fmt: skip
+    events += [{"type": "plot", "metric": SAMPLE_TITLE, "iter": plot.get("iter"), "plot_str": plot.get("plot_str")}
+               for plot in plots if plot.get("metric") == SAMPLE_TITLE]  # fmt: skip
+    data.write_json(folder / "task.json", {**task.export_task(), "id": task.id})
+    data.write_atomic(folder / "metrics.jsonl", (json.dumps(events) + "\n").encode())
+    if patch:
+        artifact = folder / "data" / "server" / task.id / "artifacts" / PATCH / PATCH
+        artifact.parent.mkdir(parents=True)
+        data.write_atomic(artifact, Path(patch).read_bytes())
+
+
 class NoTracker:
     """Stands in for Tracker where nothing is reported (every torchrun rank but 0): no task, every call does nothing."""
 

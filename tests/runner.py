@@ -26,6 +26,8 @@ PROJECT_FILES = (
     "distributed.py",
     "devices.py",
     "errors.py",
+    "provenance.py",
+    "reproduce.py",
 )
 TINY_MODEL = [
     "--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64",
