@@ -84,6 +84,7 @@ class Recorded:
     reproduce: dict  # the "reproduce" section the run started with (provenance.capture)
     patch: bytes
     task_id: str | None
+    processes: object = 1  # the recorded world_size: the run's torchrun processes
     notes: list[str] = field(default_factory=list)  # said before the rerun: segments with other code or flags
 
 
@@ -118,7 +119,7 @@ def main(argv: list[str], parser: argparse.ArgumentParser) -> int:
         say(str(e))
         return EXIT_USAGE
     except KeyboardInterrupt:
-        say("interrupted while the run's code was being rebuilt; nothing was run")
+        say("--reproduce interrupted; stopped before its verdict")
         return EXIT_ABORTED
 
 
@@ -151,6 +152,9 @@ def recorded_at(run: str) -> Iterator[Path]:
 
 def reproduce_from(path: Path, options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     recorded = read_recorded(path, parser)
+    if str(recorded.processes) != "1":
+        raise RecordError(f"{path} was trained by {recorded.processes} processes under torchrun; --reproduce reruns "
+                          "runs of one process only")  # fmt: skip
     original = load_run(path)
     steps = rerun_steps(recorded, original, options.max_steps)
     reasons = [data_note(recorded.reproduce["data"], options.new_data)] + machine_notes(recorded, options)
@@ -259,7 +263,8 @@ def read_run_folder(folder: Path) -> Recorded:
     reproduce = complete(segments[0]["reproduce"], folder / "run.json")
     patch = read_inside(folder, reproduce["code"]["patch"])
     task_id = as_dict(header.get("clearml")).get("task_id")
-    return Recorded(folder, segments[-1]["flags"], reproduce, patch, task_id, segment_notes(segments))
+    flags = segments[-1]["flags"]
+    return Recorded(folder, flags, reproduce, patch, task_id, flags.get("world_size", 1), segment_notes(segments))
 
 
 def as_dict(value: object) -> dict:
@@ -303,7 +308,8 @@ def complete(reproduce: object, where: Path) -> dict:
     problem = as_dict(reproduce.get("code")).get("problem") or as_dict(reproduce.get("data")).get("problem")
     if problem:
         raise RecordError(f"{where}: the run could not record what reproducing needs: {problem}")
-    checks = {**RECORD_CHECKS, **DATA_CHECKS.get(as_dict(reproduce.get("data")).get("kind"), {})}
+    kind = as_dict(reproduce.get("data")).get("kind")
+    checks = {**RECORD_CHECKS, **(DATA_CHECKS.get(kind, {}) if isinstance(kind, str) else {})}
     wrong = [name for name, check in checks.items() if not check(part(reproduce, name))]
     if wrong:
         raise RecordError(f"{where}: its record of the run lacks {', '.join(wrong)} (or holds something else)")
@@ -320,8 +326,7 @@ def segment_notes(segments: list[dict]) -> list[str]:
     notes, first = [], segments[0]
     ignored = compare.PLACE_FLAGS | DROPPED | {"offline", "max_steps"}
     for before, segment in zip(segments, segments[1:], strict=False):
-        code = (segment["reproduce"] or {}).get("code") or {}
-        started = (first["reproduce"] or {}).get("code") or {}
+        code, started = (as_dict(as_dict(one["reproduce"]).get("code")) for one in (segment, first))
         if (code.get("commit"), code.get("patch_sha256")) != (started.get("commit"), started.get("patch_sha256")):
             notes.append(f"the run was resumed at step {segment['step']} with other code than it started with; the "
                          "rerun runs the code it started with")  # fmt: skip
@@ -391,7 +396,8 @@ def read_session(path: Path, parser: argparse.ArgumentParser) -> Recorded:
     args = as_dict(as_dict(task.get("hyperparams")).get("Args"))
     flags = flags_from_args(parser, {k: v.get("value", "") for k, v in args.items() if isinstance(v, dict)})
     task_id = task.get("id") if isinstance(task.get("id"), str) else None
-    return Recorded(path, flags, reproduce, files.read(names[0]), task_id)
+    processes = as_dict(args.get("world_size")).get("value") or 1
+    return Recorded(path, flags, reproduce, files.read(names[0]), task_id, processes)
 
 
 def flags_from_args(parser: argparse.ArgumentParser, args: dict[str, str]) -> dict:

@@ -9,16 +9,20 @@ in the same file, and a new untracked module that the unstaged change imports.
 import json
 import shutil
 import signal
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from http_server import FileServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from runner import QUICK, git, make_stories_project, wait_for_line
+from runner import QUICK, SERVED_TRAIN, git, make_stories_project, wait_for_line
 
 import compare
+import data
 import main
+import provenance
 import reproduce
 
 USER = ("-c", "user.name=t", "-c", "user.email=t@example.com")
@@ -263,38 +267,114 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=12,
 )
+PATCH = b"diff --git a/x b/x\n"
+VALID = {
+    "code": {"commit": "a" * 40, "root": "/r", "program": "main.py", "cwd": "/r", "patch": "code.patch",
+             "patch_sha256": reproduce.hashlib.sha256(PATCH).hexdigest()},
+    "data": {"kind": "file", "path": "/r/stories.txt", "bytes": 3, "sha256": "b" * 64},
+    "versions": {"torch": "2"},
+    "device": {"device": "cpu", "dtype": "float32"},
+}  # fmt: skip
+PARTS = [f"{section}.{key}" for section, keys in VALID.items() for key in keys] + ["data.files", "code", "device"]
+hostile_sections = st.dictionaries(
+    st.sampled_from(PARTS),
+    json_values | st.sampled_from(["../main.py", "/main.py", "a/b", "", ".", "--output=x", "tinystories"]),
+    max_size=3,
+).map(lambda changes: mutated(VALID, changes))
+hostile_events = st.lists(
+    json_values.map(json.dumps)
+    | st.builds(lambda flags, section: json.dumps({"event": "resumed", "flags": flags, "reproduce": section}),
+                json_values, hostile_sections | json_values)
+    | st.builds(lambda flags: json.dumps({"event": "settled", "flags": flags}), json_values),
+    max_size=4,
+)  # fmt: skip
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    code=st.fixed_dictionaries(
-        {},
-        optional={
-            "commit": st.just("a" * 40) | json_values,
-            "root": json_values,
-            "program": st.sampled_from(["main.py", "../main.py", "/main.py"]) | json_values,
-            "cwd": json_values,
-            "patch": st.sampled_from(["code.patch", "../code.patch", "a/b", "", "."]) | json_values,
-            "patch_sha256": json_values,
-        },
-    ),  # fmt: skip
-    section=st.dictionaries(st.sampled_from(["data", "versions", "device", "format"]), json_values, max_size=4),
-    flags=json_values,
-    metrics=st.lists(json_values.map(json.dumps) | st.text(max_size=20), max_size=4),
-    patch=st.binary(max_size=64),
-)
-def test_a_hostile_run_folder_is_refused_in_one_line(tmp_path, code, section, flags, metrics, patch):
+def mutated(record: dict, changes: dict) -> object:
+    out = json.loads(json.dumps(record))
+    for name, value in changes.items():
+        section, _, key = name.partition(".")
+        if key and isinstance(out.get(section), dict):
+            out[section][key] = value
+        else:
+            out[section] = value
+    return out
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(section=hostile_sections, flags=json_values, events=hostile_events, patch=st.just(PATCH) | st.binary(max_size=9))
+def test_a_hostile_run_folder_is_refused_in_one_line(tmp_path, section, flags, events, patch):
     folder = tmp_path / "hostile"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
-    header = {"flags": flags, "clearml": flags, "reproduce": {"code": code, **section}}
-    (folder / "run.json").write_text(json.dumps(header))
-    (folder / "metrics.jsonl").write_text("\n".join(metrics))
+    (folder / "run.json").write_text(json.dumps({"flags": flags, "clearml": flags, "reproduce": section}))
+    (folder / "metrics.jsonl").write_text("\n".join(events))
     (folder / "code.patch").write_bytes(patch)
-    (folder / "link.patch").symlink_to(folder / "code.patch")
+    (folder / "b").symlink_to(folder / "code.patch")
+    read_or_refuse(folder)
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    section=hostile_sections | json_values,
+    args=st.dictionaries(st.sampled_from(["max_steps", "tags", "bias", "data", "world_size"]),
+                         st.fixed_dictionaries({"value": json_values | st.text()}) | json_values, max_size=4),
+    names=st.lists(st.sampled_from(["data/p/t/artifacts/code.patch/code.patch", "data/p/u/artifacts/code.patch/x",
+                                    "task.json", "../x"]), max_size=2, unique=True),
+)  # fmt: skip
+def test_a_hostile_offline_session_is_refused_in_one_line(tmp_path, section, args, names):
+    task = {"id": "t", "configuration": {"reproduce": {"value": json.dumps(section)}}, "hyperparams": {"Args": args}}
+    with zipfile.ZipFile(tmp_path / "session.zip", "w") as z:
+        z.writestr("task.json", json.dumps(task))
+        for name in names:
+            z.writestr(name, PATCH)
+    read_or_refuse(tmp_path / "session.zip")
+
+
+def read_or_refuse(path: Path) -> None:
+    """What a hostile record may do: be read, or be refused in one line; nothing else."""
     try:
-        recorded = reproduce.read_recorded(folder, main.build_parser())
+        recorded = reproduce.read_recorded(path, main.build_parser())
     except reproduce.RecordError as e:
         assert "\n" not in str(e)
     else:
-        assert recorded.patch == patch and isinstance(recorded.flags, dict)
+        assert recorded.patch == PATCH and isinstance(recorded.flags, dict)
+        reproduce.command_line(main.build_parser(), recorded.flags)
+
+
+@pytest.mark.timeout(180)
+def test_a_stop_signal_reaches_the_rerun_and_the_worktree_is_removed(recorded):
+    project = recorded
+    reproduction = project.start("--reproduce", "RUN", "--out_dir", "STOPPED-RERUN")
+    wait_for_line(reproduction.stdout, "step 0:", timeout=120)
+    reproduction.send_signal(signal.SIGTERM)
+    assert reproduction.wait(timeout=60) == 130
+    assert last_line(reproduction.stderr.read()).startswith("the rerun ended with exit code 130 at step ")
+    assert len(git(project.path, "worktree", "list").splitlines()) == 1
+
+
+@pytest.mark.timeout(120)
+def test_tinystories_is_identified_by_the_servers_size_and_etag_and_the_bytes_read(files, tokenizer, tmp_path):
+    with FileServer(files) as server:
+        splits = data.load_tinystories(base_url=server.url, version="v1", vocab_size=512, train_tokens=20_000,
+                                       cache_dir=tmp_path, tokenizer=tokenizer)  # fmt: skip
+        identity = provenance.data_identity("tinystories", splits.sources)
+        train, valid = identity["files"]
+        assert train["url"] == f"{server.url}/{SERVED_TRAIN}" and train["tokens"] == len(splits.train)
+        assert valid["bytes"] == splits.val_bytes == valid["size"] and train["bytes"] < train["size"]
+        assert reproduce.data_difference(identity) is None
+        with open(files[SERVED_TRAIN], "ab") as f:
+            f.write(b"One more story.\n<|endoftext|>\n")
+        assert reproduce.data_difference(identity).startswith(f"the data differs from the record: {train['url']} ")
+
+
+def test_a_resumed_segment_with_other_code_or_flags_is_said():
+    code = {"code": {"commit": "a" * 40, "patch_sha256": "1"}}
+    segments = [{"step": 0, "flags": {"dropout": 0.0, "out_dir": "A"}, "reproduce": code},
+                {"step": 40, "flags": {"dropout": 0.0, "out_dir": "B"}, "reproduce": code},
+                {"step": 80, "flags": {"dropout": 0.1}, "reproduce": {"code": {"commit": "a" * 40}}}]  # fmt: skip
+    assert reproduce.segment_notes(segments) == [
+        "the run was resumed at step 80 with other code than it started with; the rerun runs the code it started with",
+        "the run was resumed at step 80 with --dropout 0.1 (was 0.0); the rerun uses the last flags from step 0",
+    ]
