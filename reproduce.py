@@ -18,7 +18,9 @@ Design choices:
   whole run's schedule: its warmup and its decay are kept.
 - The rerun is a run of its own, with its own record and ClearML task, tagged `reproduction`, whose description
   names the original task. It runs from the worktree, in the place of the folder the run was started from.
-- Every evaluation of the original up to the last rerun step is compared exactly: Loss/train, Loss/val, BPB and
+- A stopped and resumed run is rerun as one run, with the code it started with and its last flags: where a
+  resumed segment ran other code or flags, bit-identity is not expected.
+- Every evaluation of the original up to the last rerun step is compared exactly: Loss/val, Loss/train, BPB and
   the sample. On another device, dtype, torch version or number of CPU threads, or on other data (`--new_data`),
   bit-identity is not expected: that is said before the rerun, and the verdict gives the largest relative
   difference instead. Exit 0 when identical (or not expected to be), EXIT_DIFFERS when it should have been and is
@@ -85,7 +87,7 @@ class Recorded:
     patch: bytes
     task_id: str | None
     processes: object = 1  # the recorded world_size: the run's torchrun processes
-    notes: list[str] = field(default_factory=list)  # said before the rerun: segments with other code or flags
+    notes: list[str] = field(default_factory=list)  # resumed segments with other code or flags
 
 
 def requested(argv: list[str]) -> bool:
@@ -157,7 +159,11 @@ def reproduce_from(path: Path, options: argparse.Namespace, parser: argparse.Arg
                           "runs of one process only")  # fmt: skip
     original = load_run(path)
     steps = rerun_steps(recorded, original, options.max_steps)
-    reasons = [data_note(recorded.reproduce["data"], options.new_data)] + machine_notes(recorded, options)
+    reasons = [
+        *recorded.notes,
+        data_note(recorded.reproduce["data"], options.new_data),
+        *machine_notes(recorded, options),
+    ]
     reasons = [reason for reason in reasons if reason]
     out_dir = Path(options.out_dir or default_out_dir(path)).resolve()
     held = [name for name in ckpt.RUN_FILES if (out_dir / name).exists()]
@@ -167,8 +173,8 @@ def reproduce_from(path: Path, options: argparse.Namespace, parser: argparse.Arg
     code = recorded.reproduce["code"]
     say(f"reproducing {path}: commit {code['commit'][:12]} with its recorded changes ({len(recorded.patch):,} "
         f"bytes of patch), {steps} steps, into {out_dir}")  # fmt: skip
-    for note in recorded.notes:
-        say(f"note: {note}")
+    if recorded.notes:
+        say("note: the rerun is one run, with the code this run started with and its last flags from step 0")
     if reasons:
         say(f"note: bit-identity is not expected ({'; '.join(reasons)}): the verdict gives the largest difference")
     with rebuilt_code(repository(), code["commit"], recorded.patch, str(path)) as worktree:
@@ -322,20 +328,19 @@ def part(record: dict, name: str) -> object:
 
 
 def segment_notes(segments: list[dict]) -> list[str]:
-    """What differed in a resumed segment: the rerun runs the first segment's code with the last one's flags."""
+    """What differed in each resumed segment from the one before: the rerun runs the first segment's code with the
+    last one's flags, so bit-identity is not expected then."""
     notes, first = [], segments[0]
     ignored = compare.PLACE_FLAGS | DROPPED | {"offline", "max_steps"}
     for before, segment in zip(segments, segments[1:], strict=False):
         code, started = (as_dict(as_dict(one["reproduce"]).get("code")) for one in (segment, first))
         if (code.get("commit"), code.get("patch_sha256")) != (started.get("commit"), started.get("patch_sha256")):
-            notes.append(f"the run was resumed at step {segment['step']} with other code than it started with; the "
-                         "rerun runs the code it started with")  # fmt: skip
+            notes.append(f"resumed at step {segment['step']} with other code")
         changed = [f"--{name} {segment['flags'].get(name)} (was {before['flags'].get(name)})"
                    for name in sorted(set(before["flags"]) | set(segment["flags"]))
                    if name not in ignored and before["flags"].get(name) != segment["flags"].get(name)]  # fmt: skip
         if changed:
-            notes.append(f"the run was resumed at step {segment['step']} with {', '.join(changed)}; the rerun uses "
-                         "the last flags from step 0")  # fmt: skip
+            notes.append(f"resumed at step {segment['step']} with {', '.join(changed)}")
     return notes
 
 

@@ -375,6 +375,6 @@ def test_a_resumed_segment_with_other_code_or_flags_is_said():
                 {"step": 40, "flags": {"dropout": 0.0, "out_dir": "B"}, "reproduce": code},
                 {"step": 80, "flags": {"dropout": 0.1}, "reproduce": {"code": {"commit": "a" * 40}}}]  # fmt: skip
     assert reproduce.segment_notes(segments) == [
-        "the run was resumed at step 80 with other code than it started with; the rerun runs the code it started with",
-        "the run was resumed at step 80 with --dropout 0.1 (was 0.0); the rerun uses the last flags from step 0",
+        "resumed at step 80 with other code",
+        "resumed at step 80 with --dropout 0.1 (was 0.0)",
     ]
