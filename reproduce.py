@@ -96,7 +96,7 @@ def requested(argv: list[str]) -> bool:
 
 def options_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="main.py --reproduce", allow_abbrev=False, description="Rerun a recorded run and compare every evaluation."
+        prog="main.py", allow_abbrev=False, description="Rerun a recorded run and compare every evaluation."
     )
     p.add_argument("--reproduce", required=True, metavar="RUN",
                    help="a run folder, an offline session (folder or .zip), or a task id on the server")  # fmt: skip
