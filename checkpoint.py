@@ -39,7 +39,7 @@ CHECKPOINT = "ckpt.pt"
 FORMAT = 2
 PROGRAM = "gpt-from-scratch"
 RUN_FILES = (CHECKPOINT, "run.json", "metrics.jsonl")  # any of these means the folder holds a run
-OLD_RUN_FILES = (*RUN_FILES, "tokenizer.json", "error.log")  # what --overwrite removes
+OLD_RUN_FILES = (*RUN_FILES, "tokenizer.json", "error.log", "code.patch")  # what --overwrite removes
 REQUIRED_KEYS = ("run_id", "checksum", "args", "model_config", "tokenizer", "model", "optimizer", "step", "rng")
 SPACE_MARGIN = 1.1  # torch.save's own framing on top of the tensors' bytes
 

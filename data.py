@@ -108,6 +108,7 @@ class Splits:
     val_bytes: int  # UTF-8 bytes of the text behind `val`, for bits per byte
     tokenizer: Tokenizer
     tag: str  # what the run is tagged with: "tinystories" or the file's name
+    sources: list[dict] = field(default_factory=list)  # TinyStories: each file's cache record (url, size, etag, bytes)
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -886,4 +887,5 @@ def load_tinystories(
         val_bytes=valid["bytes"],
         tokenizer=tokenizer,
         tag="tinystories",
+        sources=[train, valid],
     )

@@ -98,6 +98,8 @@ FLAGS = {
              "where tokenized data and tokenizers are cached (environment GPT_FROM_SCRATCH_CACHE)"),
         Flag("vocab_size", 4096, "BPE vocabulary size, trained from scratch on the training text",
              Number(int, 256 + len(Tokenizer.SPECIAL_TOKENS), 65536)),
+        Flag("train_tokens", None, "tokens trained on, from the start of the training text (default: for "
+             "TinyStories what --max_steps needs, for a file all of its training split; recorded)", POSITIVE_INT),
     ],
     "model": [
         Flag("arch", "modern", "modern: rotary, RMSNorm, QK-norm, ReLU², untied; gpt2: the plain GPT-2 block",
@@ -181,6 +183,8 @@ FLAGS = {
         Flag("sample", False, "with --resume RUN_DIR: generate from the trained model with --prompt and exit; "
              "nothing is written", action="store_true"),
         Flag("num_samples", 1, "with --sample: how many samples to generate", Number(int, 1, 1000)),
+        Flag("reproduce", None, "rerun a recorded run (folder, offline session or task id) from its own code and "
+             "compare every evaluation (main.py --reproduce RUN --help for its options)", metavar="RUN"),
     ],
 }  # fmt: skip
 ALL_FLAGS = [flag for group in FLAGS.values() for flag in group]

@@ -56,6 +56,8 @@ import ending
 import evaluation
 import flags
 import loop
+import provenance
+import reproduce
 import seeds
 import tracking
 from ending import StopFlag, say
@@ -67,11 +69,14 @@ from tokenizer import Tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if reproduce.requested(argv):
+        return reproduce.main(argv, flags.build_parser())
     stop = StopFlag()
     stop.install()
     try:
         distributed.setup()
-        return run(sys.argv[1:] if argv is None else argv, stop)
+        return run(argv, stop)
     except UsageError as e:
         flags.build_parser().error(str(e))  # a short usage, then the line; exit 2
     except OSError as e:  # before training: the disk is full (the token cache), or another I/O error
@@ -183,7 +188,8 @@ def prepare(cfg: Config, saved, machine: devices.Machine, probing: bool, folder,
     if cfg.queue:
         tracker.enqueue(cfg.queue)  # ends this process, unless it is the agent that runs the task
     splits = load_data(cfg, Tokenizer.from_json(saved["tokenizer"]) if saved else None)
-    cfg = dataclasses.replace(cfg, vocab_size=splits.tokenizer.vocab_size)  # the text may allow fewer merges
+    # The text may allow fewer merges than asked; the training tokens as used.
+    cfg = dataclasses.replace(cfg, vocab_size=splits.tokenizer.vocab_size, train_tokens=len(splits.train))
     state = build_state(cfg, splits, saved, machine)
     eval_model = torch.compile(state.model) if cfg.compile else state.model
     step_model = distributed.wrap(eval_model, machine.device)  # DDP for the training steps only
@@ -209,18 +215,27 @@ def prepare(cfg: Config, saved, machine: devices.Machine, probing: bool, folder,
 
 
 def load_data(cfg: Config, tokenizer: Tokenizer | None) -> data.Splits:
+    """The run's text, tokenized; the training split cut to --train_tokens (for TinyStories, by default, to what
+    --max_steps needs, whatever earlier runs left in the cache), so what a run trains on follows its flags alone."""
     cache_dir = Path(cfg.cache_dir).expanduser()
     with distributed.main_first():  # the tokenizer and the token cache are made once, by the main process
         if cfg.data == "tinystories":
             sequences = cfg.batch_size * cfg.grad_accum * distributed.world_size()  # per step, all processes
-            needed = cfg.max_steps * sequences * (cfg.block_size + 1)
+            wanted = (
+                cfg.train_tokens or int(cfg.max_steps * sequences * (cfg.block_size + 1) * 1.1) + 10 * cfg.block_size
+            )
             splits = data.load_tinystories(
                 base_url=cfg.tinystories_url, version=cfg.tinystories_version, vocab_size=cfg.vocab_size,
-                train_tokens=int(needed * 1.1) + 10 * cfg.block_size, cache_dir=cache_dir, tokenizer=tokenizer,
+                train_tokens=wanted, cache_dir=cache_dir, tokenizer=tokenizer,
             )  # fmt: skip
         else:
+            wanted = cfg.train_tokens
             splits = data.load_text_file(cfg.data, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction,
                                          cache_dir=cache_dir, tokenizer=tokenizer)  # fmt: skip
+    if cfg.train_tokens and len(splits.train) < cfg.train_tokens and not cfg.eval_only:
+        raise UsageError(f"--train_tokens {cfg.train_tokens}: the training text of --data {cfg.data} has only "
+                         f"{len(splits.train):,} tokens")  # fmt: skip
+    splits = dataclasses.replace(splits, train=splits.train[:wanted] if wanted else splits.train)
     window = cfg.block_size + 1
     for split in ("val",) if cfg.eval_only else ("train", "val"):
         if (n := len(getattr(splits, split))) < window:
@@ -301,7 +316,9 @@ def begin(cfg: Config, saved, state: TrainState, splits: data.Splits, machine: d
         folder.replace_old_run()
         data.write_atomic(folder.path / "tokenizer.json", splits.tokenizer.to_json().encode())
         tracker.update_flags(flags.as_dict(cfg))
-        record.start(tracker, record_header(cfg, run_id, state.model, splits, machine), state.step, bool(saved))
+        header = record_header(cfg, run_id, state.model, splits, machine)
+        recorded = provenance.capture(cfg.data, splits.sources, machine.device, machine.dtype)
+        record.start(tracker, header, state.step, bool(saved), provenance=recorded)
     header = {"run_id": run_id, "args": flags.as_dict(cfg), "model_config": dataclasses.asdict(state.model.config),
               "tokenizer": splits.tokenizer.to_json(), "task_id": tracker.task_id}  # fmt: skip
     checkpoints = ckpt.Checkpoints(folder.path if main_process else None, header, saved["step"] if saved else None)

@@ -36,10 +36,15 @@ Design choices:
   attach local ranks to their node's task by itself, and create one task per node.)
 - `--queue` hands the task, its flags connected, to clearml-agent with `Task.execute_remotely`; on the agent the
   same call does nothing and the run trains there.
+- What reproducing a run needs (provenance.py) goes into the record, as run.json's `reproduce` section with the
+  patch beside it in `code.patch`, and into the task, as the configuration object `reproduce` and the artifact
+  `code.patch`, so an offline session alone is enough to reproduce the run. A resumed run records its own, and
+  writes a patch of its own only where its code changed.
 """
 
 import ast
 import contextlib
+import hashlib
 import importlib.metadata
 import io
 import json
@@ -53,6 +58,7 @@ import time
 import unicodedata
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import requests
 from clearml import OutputModel, Task
@@ -68,10 +74,15 @@ import checkpoint
 import data
 from errors import UsageError
 
+if TYPE_CHECKING:
+    from provenance import Provenance
+
 SERVER_TIMEOUT_S = 3.0
 SAMPLE_TITLE = "Generated Sample"
 SAMPLE_TABLE_ROWS = 500  # the table is sent whole at each evaluation; the latest rows are the ones worth the bytes
 SOURCE_DIR = Path(__file__).resolve().parent
+REPRODUCE = "reproduce"  # the name of the task's configuration object with run.json's "reproduce" section
+PATCH = "code.patch"  # the patch of a run's uncommitted changes, in its folder and as the task's artifact
 
 
 class ConfigError(UsageError):
@@ -217,6 +228,36 @@ class QueueError(UsageError):
     """A run that cannot be handed to a queue; the message is one line for the user."""
 
 
+class TaskError(Exception):
+    """A task that cannot be read from the server; the message is one line for the user."""
+
+
+def task_as_session(task_id: str, folder: Path) -> None:
+    """The server's task `task_id` written into `folder` as an offline session's files, for --reproduce: task.json,
+    its scalars and last `Generated Sample` table in metrics.jsonl, and its code.patch artifact."""
+    server = configured_server()
+    problem = "is not configured" if server is None else server_problem(server, *credentials())
+    if problem:
+        raise TaskError(f"task {task_id}: the ClearML server {server or ''} {problem}; give the run's folder instead")
+    try:
+        task = Task.get_task(task_id=task_id)
+        scalars, plots = task.get_reported_scalars(), task.get_reported_plots()
+        patch = task.artifacts[PATCH].get_local_copy(raise_on_error=True) if PATCH in task.artifacts else None
+    except Exception as e:  # an unknown id, an unreachable files server: ClearML raises its own kinds
+        raise TaskError(f"task {task_id} cannot be read from the ClearML server {server}: {e}") from None
+    events = [{"type": "training_stats_scalar", "metric": title, "variant": series, "iter": int(x), "value": y}
+              for title, curves in scalars.items() for series, xy in curves.items()
+              for x, y in zip(xy["x"], xy["y"], strict=True)]  # fmt: skip
+    events += [{"type": "plot", "metric": SAMPLE_TITLE, "iter": plot.get("iter"), "plot_str": plot.get("plot_str")}
+               for plot in plots if plot.get("metric") == SAMPLE_TITLE]  # fmt: skip
+    data.write_json(folder / "task.json", {**task.export_task(), "id": task.id})
+    data.write_atomic(folder / "metrics.jsonl", (json.dumps(events) + "\n").encode())
+    if patch:
+        artifact = folder / "data" / "server" / task.id / "artifacts" / PATCH / PATCH
+        artifact.parent.mkdir(parents=True)
+        data.write_atomic(artifact, Path(patch).read_bytes())
+
+
 class NoTracker:
     """Stands in for Tracker where nothing is reported (every torchrun rank but 0): no task, every call does nothing."""
 
@@ -357,6 +398,13 @@ class Tracker:
             self.logger.report_scalar(title, series, value=scores[series], iteration=step)
         self.logger.report_text(f"{title} at step {step}: loss {scores['loss']:.6f}, bpb {scores['bpb']:.6f}")
 
+    def keep_for_reproducing(self, record: dict, patch: Path | None) -> None:
+        """run.json's `reproduce` section as configuration object `reproduce`, the patch as artifact `code.patch`."""
+        self.task.set_configuration_object(REPRODUCE, config_text=json.dumps(record, indent=1), config_type="json",
+                                           description="what python main.py --reproduce needs")  # fmt: skip
+        if patch is not None:
+            self.task.upload_artifact(PATCH, artifact_object=patch, wait_on_upload=True)
+
     def register_checkpoint(self, path: Path, tokenizer_path: Path, step: int) -> None:
         """The checkpoint as the task's output model, the tokenizer as an artifact. Offline the model refers to
         the run folder's file instead of copying it into the session (which would double the disk a run takes);
@@ -406,13 +454,16 @@ class RunRecord:
         self.elapsed_before = 0.0  # seconds recorded by earlier sessions of a resumed run
         self.started = time.monotonic()
 
-    def start(self, tracker: Tracker, header: dict, step: int, resumed: bool) -> None:
+    def start(self, tracker: Tracker, header: dict, step: int, resumed: bool,
+              provenance: "Provenance | None" = None) -> None:  # fmt: skip
         """Write the header of a new run (`header`: run_id, flags and what was trained), or mark where a resumed
-        run continues its record."""
+        run continues its record; with what reproducing it needs (provenance.capture)."""
         clearml = clearml_location(tracker)
-        if resumed and self.header_path.is_file():
+        continuing = resumed and self.header_path.is_file()
+        reproduce = {"reproduce": self.keep_provenance(provenance, tracker, step, continuing)} if provenance else {}
+        if continuing:
             self.elapsed_before = last_elapsed(self.metrics_path)
-            self.append({"event": "resumed", "step": step, "flags": header["flags"], "clearml": clearml})
+            self.append({"event": "resumed", "step": step, "flags": header["flags"], "clearml": clearml, **reproduce})
             return
         commit, dirty = git_state(Path(sys.argv[0]).resolve().parent)
         header = {
@@ -422,9 +473,25 @@ class RunRecord:
             "git": {"commit": commit, "dirty": dirty},
             "clearml": clearml,
             "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+            **reproduce,
         }
         data.write_atomic(self.header_path, (json.dumps(header, indent=1, default=str) + "\n").encode())
         self.append({"event": "status", "status": "running", "step": step})
+
+    def keep_provenance(self, provenance: "Provenance", tracker: Tracker, step: int, continuing: bool) -> dict:
+        """The patch written beside the record (by a resumed run, only where its code changed), and both given to
+        the task; returns the record's `reproduce` section, naming the patch's file."""
+        record = {**provenance.record, "code": dict(provenance.record["code"])}
+        code, patch = record["code"], None
+        if code.get("commit"):
+            patch = self.folder / PATCH
+            if continuing and file_digest(patch) != code["patch_sha256"]:
+                patch = self.folder / f"code.resumed-{step}.patch"  # the code changed since the run started
+            if not (continuing and patch.name == PATCH):
+                data.write_atomic(patch, provenance.patch)
+            code["patch"] = patch.name
+        tracker.keep_for_reproducing(record, patch)
+        return record
 
     def evaluation(self, step: int, tokens: int, loss_train: float, loss_val: float, bpb: float, lr: float,
                    tokens_per_s: float, sample: str) -> None:  # fmt: skip
@@ -477,6 +544,14 @@ def git_state(path: Path) -> tuple[str | None, bool | None]:
     if commit.returncode or changes.returncode:
         return None, None
     return commit.stdout.strip(), bool(changes.stdout.strip())
+
+
+def file_digest(path: Path) -> str | None:
+    """The sha256 of a file's bytes, or None where there is no such file."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def last_elapsed(metrics_path: Path) -> float:
