@@ -2,6 +2,8 @@
 dropout resume exactly (N steps, resume, M steps equals N + M in one go), each taking back its own RNG streams.
 """
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -90,3 +92,32 @@ def test_two_ranks_with_dropout_resume_exactly(tmp_path):
     assert len(a["rng"]) == 2 and not torch.equal(a["rng"][0]["cpu"], a["rng"][1]["cpu"])  # each rank its own
     same = {**b["args"], "out_dir": "A", "resume": "A", "task_name": a["args"]["task_name"]}  # named by the time
     assert a["args"]["world_size"] == 2 and a["args"] == same
+
+
+class CompilesOnFirstCall(torch.nn.Module):
+    """A model whose first forward costs what compiling would (a second), as torch.compile's first call does."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(1.0)  # stands for the compile: what the probe must leave out of its timing
+        return self.model(*args, **kwargs)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("compiling", [True, False])
+def test_the_probe_never_times_the_compile_of_the_evaluation(compiling):
+    text = TRAIN_SAMPLE.read_text(encoding="utf-8")[:20_000]
+    tokenizer = Tokenizer.train(text, 300)
+    ids = np.array(tokenizer.encode(text), dtype=np.uint16)
+    splits = data.Splits(train=ids[:4000], val=ids[4000:], val_bytes=len(text), tokenizer=tokenizer, tag="t")
+    cfg = configuration([*FLAGS, "--compile" if compiling else "--no-compile"])
+    state = tiny_state(cfg, splits.train)
+    seconds = budget.time_evaluation(
+        cfg, state, CompilesOnFirstCall(state.model), splits, "cpu", devices.autocast("cpu", "float32")
+    )
+    assert (seconds < 0.5) if compiling else (seconds > 1.0)
