@@ -4,6 +4,7 @@ ClearML offline sessions, shown as a terminal table and as an HTML page opened i
 The expected verdicts and crossovers are computed here from the numbers the runs recorded in metrics.jsonl.
 """
 
+import itertools
 import json
 import os
 import re
@@ -55,8 +56,15 @@ def recorded_evals(folder) -> dict[int, dict]:
 
 
 def table_row(table: str, name: str) -> list[str]:
-    [line] = [line for line in table.splitlines() if line.startswith(name + "  ")]
-    return re.split(r"\s{2,}", line[len(name) :].strip())
+    """The cells of a row of the table's first block, its wrapped lines joined; the dashes under the header give
+    where each column starts."""
+    lines = table.split("\n\n")[0].splitlines()
+    spans = [m.span() for m in re.finditer(r"-+", lines[1])]
+    [at] = [i for i, line in enumerate(lines) if line.startswith(name + "  ")]
+    rows = [lines[at]] + list(itertools.takewhile(lambda line: line.startswith(" " * spans[0][1]), lines[at + 1 :]))
+    starts = [start for start, _ in spans[1:]] + [None]
+    cells = [[row[starts[c] : starts[c + 1]].strip() for row in rows] for c in range(len(spans) - 1)]
+    return [" ".join(part for part in parts if part) for parts in cells]
 
 
 def expected_verdict(run: dict[int, dict], baseline: dict[int, dict]) -> tuple[str, str]:
@@ -65,7 +73,7 @@ def expected_verdict(run: dict[int, dict], baseline: dict[int, dict]) -> tuple[s
     diffs = [run[s]["loss_val"] - baseline[s]["loss_val"] for s in steps]
     last, base = run[steps[-1]]["loss_val"], baseline[steps[-1]]["loss_val"]
     word = "better" if last < base else "worse"
-    verdict = f"{word} by {abs(last - base):.4f} ({abs(last - base) / base:.1%})"
+    verdict = f"{word} by {abs(last - base):.4f} ({100 * abs(last - base) / base:.1f} %, 1 vs 1 seeds): noise unknown"
     signed = [(s, d > 0) for s, d in zip(steps, diffs, strict=True) if d != 0]
     changes = [signed[i][0] for i in range(1, len(signed)) if signed[i][1] != signed[i - 1][1]]
     crossover = (
@@ -97,7 +105,8 @@ def test_terminal_table(runs):
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     table = result.stdout
-    assert table_row(table, "run") == ["d0.0 (baseline)", "d0.1", "d0.2"]
+    assert table_row(table, "arm") == ["baseline", "dropout=0.1", "dropout=0.2"]
+    assert table_row(table, "runs") == ["d0.0", "d0.1", "d0.2"]
     assert table_row(table, "--dropout") == list(DROPOUTS)
     flag_rows = re.findall(r"^--\w+", table, flags=re.M)
     assert flag_rows == ["--dropout"]  # every other flag is the same; run folders and comments do not count
@@ -118,7 +127,11 @@ def test_terminal_table(runs):
 def test_baseline_flag_and_folder_of_runs(runs):
     result = compare(runs, "runs", "--baseline", "runs/d0.2")
     assert result.returncode == 0, result.stderr
-    assert table_row(result.stdout, "run") == ["d0.2 (baseline)", "d0.0", "d0.1"]
+    assert table_row(result.stdout, "runs") == ["d0.2", "d0.0", "d0.1"]  # the folder's runs in the order they started
+    assert "baseline: d0.2 (chosen by --baseline)" in result.stdout
+    by_start = compare(runs, "runs")
+    assert table_row(by_start.stdout, "runs") == ["d0.0", "d0.1", "d0.2"]
+    assert "baseline: d0.0 (the first run to start in runs)" in by_start.stdout
 
 
 def test_offline_sessions_read_like_run_folders(runs):
@@ -230,7 +243,9 @@ def test_html_report_in_chromium(runs, tmp_path):
     try:
         driver.get(report.as_uri())
         traces = driver.execute_script("return document.getElementById('curves').data.map(t => t.meta);")
-        expected = [{"run": f"d{d}", "series": s} for d in DROPOUTS for s in ("Loss/train", "Loss/val", "BPB")]
+        expected = [
+            {"arm": i, "series": s, "part": "mean"} for i in range(3) for s in ("Loss/train", "Loss/val", "BPB")
+        ]
         assert traces == expected
         drawn = driver.execute_script(
             "return [...document.querySelectorAll('#curves g.trace.scatter')]"
