@@ -272,7 +272,7 @@ def wrap(text: str, columns: int) -> list[str]:
 def terminal_table(comparison: Comparison, columns: int = TABLE_WIDTH) -> str:
     header = [arm.label + (f" ({len(arm.runs)} seeds)" if len(arm.runs) > 1 else "") for arm in comparison.arms]
     rows = [("arm", header), *summary_rows(comparison)]
-    rows = [(name, [terminal_text(c) for c in cells]) for name, cells in rows]
+    rows = [(terminal_text(name), [terminal_text(c) for c in cells]) for name, cells in rows]
     name_width = max(width(name) for name, _ in rows)
     per_block = max(1, (columns - name_width) // (MIN_CELL + 2))
     others = list(range(1, len(header)))

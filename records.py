@@ -57,9 +57,10 @@ RECORD_FIELDS = {"step": "step", "tokens": "tokens", "elapsed": "elapsed", "lr":
 SESSION_SCALARS = {("Loss", "train"): "Loss/train", ("Loss", "val"): "Loss/val", ("BPB", "val"): "BPB",
                    ("Learning rate", "lr"): "lr", ("Throughput", "tokens/s"): "tokens/s"}  # fmt: skip
 SAMPLE_TITLE = "Generated Sample"
-# what reading a corrupt zip member can raise, besides BadZipFile: a truncated stream, an unsupported or encrypted
+# what reading a file or a corrupt zip member can raise: an OS error, a truncated stream, an unsupported or encrypted
 # member, a broken deflate, lzma or bzip2 stream
-READ_ERRORS = (OSError, EOFError, ValueError, NotImplementedError, RuntimeError, zlib.error, lzma.LZMAError)
+READ_ERRORS = (OSError, EOFError, ValueError, NotImplementedError, RuntimeError, zlib.error, lzma.LZMAError,
+               zipfile.BadZipFile)  # fmt: skip
 HEADER_SCHEMA = {
     "hypothesis": str, "flags": dict, "dataset": str, "started": str, "run_id": str,
     "tokenizer": {"fingerprint": str, "vocab_size": int}, "git": {"commit": str, "dirty": bool},
@@ -387,7 +388,10 @@ def load_record(folder: Path) -> Run:
     if payload is None:
         raise RecordError(f"{folder} has metrics.jsonl but no run.json")
     try:
-        header = checked(parse_json(payload), HEADER_SCHEMA, "run.json")
+        header = parse_json(payload)
+        if not isinstance(header, dict):
+            raise RecordError(f"run.json is {json_type(header)}, not an object")
+        header = checked(header, HEADER_SCHEMA, "run.json")
     except ValueError as e:
         raise RecordError(f"{folder / 'run.json'} is not JSON ({e})") from None
     except RecordError as e:
@@ -486,7 +490,7 @@ def load_session(path: Path) -> Run:
     try:
         files = Zip(path) if path.is_file() else Folder(path)
         task = parse_json(read_bounded(files, "task.json", MAX_HEADER_BYTES) or b"null")
-    except (*READ_ERRORS, zipfile.BadZipFile) as e:
+    except READ_ERRORS as e:
         raise RecordError(f"{path} is not a readable ClearML offline session ({type(e).__name__})") from None
     if not isinstance(task, dict):
         raise RecordError(f"{path} is not a ClearML offline session (no task.json)")
