@@ -33,6 +33,23 @@ SAME_TRAINING = {
 }  # fmt: skip
 NOT_FLAGS = {"world_size"}  # recorded among the flags (how many processes ran), but not one that can be typed
 NEGATABLE = {"bias", "compile"}  # flags written --no-NAME when off (argparse.BooleanOptionalAction in main.py)
+NOT_APPLICABLE = {  # flag -> when it does not apply, given an arm's flags
+    "tinystories_url": lambda f: f.get("data", "tinystories") != "tinystories",
+    "tinystories_version": lambda f: f.get("data", "tinystories") != "tinystories",
+    "val_fraction": lambda f: f.get("data", "tinystories") == "tinystories",
+    "muon_lr": lambda f: f.get("optimizer") == "adamw",
+    "eval_split": lambda f: f.get("eval_only") != "True",
+    "top_k": lambda f: f.get("temperature") in ("0", "0.0"),
+    "temperature": lambda f: f.get("sample_tokens") == "0",
+    "prompt": lambda f: f.get("sample_tokens") == "0",
+}
+
+
+def applies(name: str, flags: dict[str, str]) -> bool:
+    """Whether a flag has any effect given the others (a local file has no TinyStories URL, AdamW no Muon rate)."""
+    return not NOT_APPLICABLE.get(name, lambda f: False)(flags)
+
+
 CONFIRM_P = 0.01
 SAME = 5e-4  # relative differences below this are reported as equal
 NOISE_SEEDS = 2  # noise_command adds this many seeds to the one a run has
@@ -225,6 +242,8 @@ def noise_command(arm: Arm) -> list[str]:
     words = ["python", "main.py"]
     for name, value in arm.first.flags.items():
         if name in SAME_TRAINING | NOT_FLAGS or value in ("", "None") or (value == "False" and name not in NEGATABLE):
+            continue
+        if not applies(name, arm.first.flags):
             continue
         if value in ("True", "False"):
             words.append(f"--{name}" if value == "True" else f"--no-{name}")

@@ -23,6 +23,7 @@ Design choices:
 """
 
 import argparse
+import os
 import shlex
 import sys
 import unicodedata
@@ -231,13 +232,20 @@ def notes(comparison: Comparison, columns: int) -> list[str]:
 
 
 def command_lines(words: list[str], columns: int) -> list[str]:
-    """A shell command, indented, broken between its words with a backslash to fit `columns` where words allow."""
-    lines, line = [], "   "
+    """A shell command, indented, broken with a backslash between one flag with its values and the next, to fit
+    `columns` where they allow."""
+    units = []
     for word in map(terminal_text, map(shlex.quote, words)):
-        if len(line) > 3 and width(line) + 1 + width(word) > columns - 2:
+        if word.startswith("--") or not units:
+            units.append(word)
+        else:
+            units[-1] += " " + word
+    lines, line = [], "   "
+    for unit in units:
+        if len(line) > 3 and width(line) + 1 + width(unit) > columns - 2:
             lines.append(line + " \\")
             line = "       "
-        line += " " + word
+        line += " " + unit
     return [*lines, line]
 
 
@@ -419,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {terminal_text(str(e))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the table piped into `head`, which has read what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush meets no closed pipe
     return 0
 
 

@@ -10,9 +10,9 @@ Design choices:
   page's script swaps them in. A smoothing control smooths Loss/train (exponential moving average, debiased as
   TensorBoard does), the one training-loss curve the run record holds.
 - The flags table wraps long values and fits the window; the flags that differ between arms come first and the
-  rest sit behind a toggle. A flag that does not apply to an arm (the TinyStories URL of a local-file run, the Muon
-  learning rate of an AdamW run, the early-abort flags without --baseline, ...) is left out, or shown as "n/a" where
-  it applies to another arm.
+  rest sit behind a toggle. A flag that does not apply to an arm (arms.applies: the TinyStories URL of a local-file
+  run, the Muon learning rate of an AdamW run, ...) is left out, or shown as "n/a" where it applies to another arm;
+  the flags that do not change training (where a run is kept, the early abort) are not arm flags at all.
 - Everything from a record is escaped for where it goes: HTML text and attributes, Plotly's pseudo-HTML labels, and
   the JSON inside <script> (every `<`, `>` and `&` written as a \\u escape, so no `</script`, `<!--` or `<script` can
   appear there). Only an http(s) address becomes a link; an offline session's local zip never does.
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+import arms as arms_module
 from arms import Arm
 from errors import UsageError
 from records import Run
@@ -40,16 +41,6 @@ CURVES = ("Loss/train", "Loss/val", "BPB")
 AXES = {"step": "step", "tokens": "tokens", "time": "wall-clock time (s)", "flops": "training FLOPs"}
 MAX_SAMPLE_STEPS = 100
 RUN_FILES = ("run.json", "metrics.jsonl", "ckpt.pt", ".lock", "task.json")  # a folder holding one is a run's
-NOT_APPLICABLE = {  # flag -> when it does not apply, given an arm's flags
-    "tinystories_url": lambda f: f.get("data", "tinystories") != "tinystories",
-    "tinystories_version": lambda f: f.get("data", "tinystories") != "tinystories",
-    "val_fraction": lambda f: f.get("data", "tinystories") == "tinystories",
-    "muon_lr": lambda f: f.get("optimizer") == "adamw",
-    "eval_split": lambda f: f.get("eval_only") != "True",
-    "top_k": lambda f: f.get("temperature") in ("0", "0.0"),
-    "temperature": lambda f: f.get("sample_tokens") == "0",
-    "prompt": lambda f: f.get("sample_tokens") == "0",
-}
 
 
 class ReportError(UsageError):
@@ -196,7 +187,7 @@ def flag_tables(arms: list[Arm], header: list[str]) -> str:
     names = sorted({k for arm in arms for k in arm.flags})
     rows = []
     for name in names:
-        applies = [name in arm.flags and not NOT_APPLICABLE.get(name, lambda f: False)(arm.flags) for arm in arms]
+        applies = [name in arm.flags and arms_module.applies(name, arm.flags) for arm in arms]
         if any(applies):
             rows.append(
                 (name, [arm.flags[name] or "-" if ok else "n/a" for arm, ok in zip(arms, applies, strict=True)])
@@ -259,8 +250,11 @@ function unpack(text) {
   const bytes = Uint8Array.from(atob(text), c => c.charCodeAt(0));
   return Array.from(new Float32Array(bytes.buffer), v => (Number.isNaN(v) ? null : v));
 }
+function values(array) {  // a trace's x or y: Plotly keeps the float32 arrays it was given as {dtype, bdata}
+  return array.bdata && array.dtype === "f4" ? unpack(array.bdata) : Array.from(array);
+}
 const trainIndices = curves.data.map((t, i) => (t.meta.series === "Loss/train" ? i : -1)).filter(i => i >= 0);
-const trainRaw = trainIndices.map(i => Array.from(curves.data[i].y));
+const trainRaw = trainIndices.map(i => values(curves.data[i].y));
 function smooth(values, weight) {
   let last = 0, count = 0;
   return values.map(v => {

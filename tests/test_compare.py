@@ -4,7 +4,6 @@ ClearML offline sessions, shown as a terminal table and as an HTML page opened i
 The expected verdicts and crossovers are computed here from the numbers the runs recorded in metrics.jsonl.
 """
 
-import itertools
 import json
 import os
 import re
@@ -15,7 +14,7 @@ import sys
 
 import pytest
 from browser import chromium_driver
-from runner import TINY_MODEL, TRAIN_SAMPLE, git, make_project, wait_for_line
+from runner import TINY_MODEL, TRAIN_SAMPLE, git, make_project, table_row, wait_for_line
 
 DROPOUTS = ("0.0", "0.1", "0.2")
 RUN_FLAGS = [
@@ -54,18 +53,6 @@ def compare(project, *args: str) -> subprocess.CompletedProcess:
 def recorded_evals(folder) -> dict[int, dict]:
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     return {e["step"]: e for e in map(json.loads, lines) if e["event"] == "eval"}
-
-
-def table_row(table: str, name: str) -> list[str]:
-    """The cells of a row of the table's first block, its wrapped lines joined; the dashes under the header give
-    where each column starts."""
-    lines = table.split("\n\n")[0].splitlines()
-    spans = [m.span() for m in re.finditer(r"-+", lines[1])]
-    [at] = [i for i, line in enumerate(lines) if line.startswith(name + "  ")]
-    rows = [lines[at]] + list(itertools.takewhile(lambda line: line.startswith(" " * spans[0][1]), lines[at + 1 :]))
-    starts = [start for start, _ in spans[1:]] + [None]
-    cells = [[row[starts[c] : starts[c + 1]].strip() for row in rows] for c in range(len(spans) - 1)]
-    return [" ".join(part for part in parts if part) for parts in cells]
 
 
 def expected_verdict(run: dict[int, dict], baseline: dict[int, dict]) -> tuple[str, str]:
