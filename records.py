@@ -247,8 +247,8 @@ def read_bounded(source, name: str, limit: int) -> bytes | None:
     return payload
 
 
-def read_lines(source, name: str, limit: int) -> Iterator[bytes]:
-    """The lines of a file, read in chunks; RecordError once more than `limit` bytes come."""
+def line_chunks(source, name: str, limit: int) -> Iterator[list[bytes]]:
+    """The lines of a file, as many as a chunk read holds at a time; RecordError once more than `limit` bytes come."""
     try:
         f = source.open(name, limit)
     except READ_ERRORS as e:
@@ -256,19 +256,25 @@ def read_lines(source, name: str, limit: int) -> Iterator[bytes]:
     if f is None:
         return
     with f:
-        pending, total = [], 0
+        pending, total = [], 0  # the pieces of a line that has not ended yet
         while chunk := read_chunk(f, source, name):
             total += len(chunk)
             if total > limit:
                 raise RecordError(f"{source.path}: {name} is more than the {limit // 2**20} MiB read")
             lines = chunk.split(b"\n")
-            if len(lines) > 1:
-                yield b"".join([*pending, lines[0]])
-                yield from lines[1:-1]
-                pending = []
-            pending.append(lines[-1])
+            if len(lines) == 1:
+                pending.append(chunk)
+                continue
+            lines[0] = b"".join([*pending, lines[0]])
+            pending = [lines.pop()]
+            yield lines
         if tail := b"".join(pending):
-            yield tail
+            yield [tail]
+
+
+def read_lines(source, name: str, limit: int) -> Iterator[bytes]:
+    for lines in line_chunks(source, name, limit):
+        yield from lines
 
 
 def read_chunk(f, source, name: str) -> bytes:
@@ -412,53 +418,50 @@ def load_record(folder: Path) -> Run:
     )
     flags, clearml = header["flags"] or {}, header["clearml"]
     where = str(folder / "metrics.jsonl")
-    evals, literals = [], []
-    for event, literal in record_events(read_lines(files, "metrics.jsonl", MAX_METRICS_BYTES), where):
-        kind = event.get("event")
-        if kind == "eval":
-            evals.append(event)
-            literals.append(literal)
-        elif kind == "status" and isinstance(event.get("status"), str):
+    events = record_events(line_chunks(files, "metrics.jsonl", MAX_METRICS_BYTES), where)
+    kinds = [e.get("event") for e, _ in events]
+    for (event, _), kind in zip(events, kinds, strict=True):
+        if kind == "status" and isinstance(event.get("status"), str):
             run.status, run.message = event["status"], event.get("message") or ""
             run.message = run.message if isinstance(run.message, str) else ""
         elif kind == "resumed":  # the flags as used from here on
             flags = event["flags"] if isinstance(event.get("flags"), dict) else flags
             clearml = checked(event.get("clearml"), HEADER_SCHEMA["clearml"], f"{where} resumed.clearml")
             run.status, run.message = "running", ""
-        elapsed = event.get("elapsed")
-        if is_number(elapsed) and elapsed is not None and math.isfinite(elapsed):
-            run.wall_time = max(run.wall_time, float(elapsed))
+        if kind != "eval" and is_number(elapsed := event.get("elapsed")) and elapsed is not None:
+            run.wall_time = max(run.wall_time, float(elapsed)) if math.isfinite(elapsed) else run.wall_time
+    evals = [pair for pair, kind in zip(events, kinds, strict=True) if kind == "eval"]
     run.flags = flag_texts(flags, f"{folder}:")
     run.task_id, run.web_page, run.offline = clearml["task_id"], clearml["web_page"], bool(clearml["offline_session"])
-    table, kept = number_table(evals, RECORD_FIELDS, where)
+    table, kept = number_table([e for e, _ in evals], RECORD_FIELDS, where)
     run.evals, order = evals_by_step(table, RECORD_FIELDS)
-    shown = [literals[kept[i]] for i in order]
+    elapsed = run.evals["elapsed"][np.isfinite(run.evals["elapsed"])]
+    run.wall_time = max(run.wall_time, float(elapsed.max()) if len(elapsed) else 0.0)
+    shown = [evals[kept[i]][1] for i in order]
     run.samples = lambda i: decode_sample(shown[i])
     return run
 
 
-def record_events(lines: Iterator[bytes], where: str) -> Iterator[tuple[dict, bytes | None]]:
+def record_events(chunks: Iterator[list[bytes]], where: str) -> list[tuple[dict, bytes | None]]:
     """The events of metrics.jsonl, each with its sample's JSON text (None without one), parsed a chunk of lines
     at a time. A torn last line (a kill mid-write) is skipped; a broken line before it is warned about."""
-    batch, size = [], 0
-    for line in lines:
-        if line.strip():
-            batch.append(line)
-            size += len(line)
-        if size > CHUNK_BYTES:
-            yield from parse_batch(batch[:-1], where, last=False)
-            batch, size = batch[-1:], len(batch[-1])
-    if batch and SAMPLE_FIELD in batch[-1] and not batch[-1].rstrip().endswith(b'"}'):
-        batch.pop()  # torn in the middle of its sample by a kill
-    yield from parse_batch(batch, where, last=True)
+    events, previous = [], None
+    for lines in chunks:
+        if previous is not None:
+            events += parse_batch(previous, where, last=False)
+        previous = lines
+    if previous:
+        if SAMPLE_FIELD in previous[-1] and not previous[-1].rstrip().endswith(b'"}'):
+            previous.pop()  # torn in the middle of its sample by a kill
+        events += parse_batch(previous, where, last=True)
+    return events
 
 
 def parse_batch(lines: list[bytes], where: str, last: bool) -> list[tuple[dict, bytes | None]]:
-    heads, literals = [], []
-    for line in lines:
-        cut = line.find(SAMPLE_FIELD)  # cannot match inside a JSON string, where quotes are escaped
-        heads.append(line if cut < 0 else line[:cut] + b"}")
-        literals.append(None if cut < 0 else line[cut + len(SAMPLE_FIELD) :].rstrip()[:-1])
+    lines = [line for line in lines if line and not line.isspace()]
+    cuts = [line.find(SAMPLE_FIELD) for line in lines]  # cannot match inside a JSON string, where quotes are escaped
+    heads = [line if cut < 0 else line[:cut] + b"}" for line, cut in zip(lines, cuts, strict=True)]
+    literals = [None if cut < 0 else line[cut + len(SAMPLE_FIELD) : -1] for line, cut in zip(lines, cuts, strict=True)]
     try:
         events = parse_json(b"[" + b",".join(heads) + b"]")
     except ValueError:  # a torn or broken line: parse line by line to find it
