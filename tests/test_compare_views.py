@@ -83,3 +83,15 @@ def test_flags_that_apply_to_one_arm_only(tmp_path):
     report = tmp_path / "report.html"
     assert run_compare(adamw, muon, "--html", report)[0] == 0
     assert "<th>muon_lr</th><td>n/a</td><td>0.02</td>" in report.read_text()
+
+
+def test_baseline_may_be_a_group_of_seeds(tmp_path):
+    group = tmp_path / "group"
+    for seed in (1, 2, 3):
+        arm_run(group / f"s{seed}", 0.0, seed=seed)
+    other = arm_run(tmp_path / "other", 0.1)
+    code, out, err = run_compare(other, "--baseline", group)
+    assert code == 0, err
+    assert table_row(out, "arm") == ["baseline (3 seeds)", "dropout=0.1"]
+    assert table_row(out, "seeds") == ["3: 1, 2, 3", "1"]
+    assert "baseline: s1 (chosen by --baseline)" in out
