@@ -1,16 +1,20 @@
 """The terminal table and the page, from run folders written here: the table fits 100 columns whatever the number of
 arms and never cuts a status; the page has rows for parameters and tokens/s, links a task only to its web page, and
-leaves out flags that do not apply.
+leaves out flags that do not apply. The verdict's p-value is scipy's Welch test.
 """
 
 import contextlib
 import io
+import math
 import re
 
+import numpy as np
 import pytest
 from runner import table_row
+from scipy import stats
 from synthetic import evaluation, header, write_run
 
+import arms
 import compare
 
 pytestmark = pytest.mark.timeout(60)
@@ -95,3 +99,11 @@ def test_baseline_may_be_a_group_of_seeds(tmp_path):
     assert table_row(out, "arm") == ["baseline (3 seeds)", "dropout=0.1"]
     assert table_row(out, "seeds") == ["3: 1, 2, 3", "1"]
     assert "baseline: s1 (chosen by --baseline)" in out
+
+
+def test_welch_p_is_scipys():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a, b = rng.normal(5, rng.uniform(1e-3, 1), rng.integers(2, 7)), rng.normal(5.2, 0.3, rng.integers(2, 7))
+        assert arms.welch_p(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-9)
+    assert math.isnan(arms.welch_p(np.ones(3), np.ones(3)))
