@@ -137,16 +137,21 @@ def x_values(arm: Arm, grid: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def axes_data(fig, arms: list[Arm]) -> dict:
-    """For each trace, its x values on every axis; for each axis, the arms that did not record it."""
-    xs, missing = [], {axis: [] for axis in AXES}
+    """Each trace's x values on every axis (the three traces of an arm's curve share theirs: `of_trace` indexes
+    `x`), and for each axis the arms that did not record it."""
+    xs, of_trace, shared, missing = [], [], {}, {axis: [] for axis in AXES}
     for trace in fig.data:
         arm = arms[trace.meta["arm"]]
-        values = x_values(arm, np.asarray(trace.x, dtype=np.float64))
-        xs.append({axis: packed(v) for axis, v in values.items()})
-        for axis, v in values.items():
-            if not np.isfinite(v).any() and arm_name(arm) not in missing[axis]:
-                missing[axis].append(arm_name(arm))
-    return {"titles": AXES, "x": xs, "missing": missing}
+        key = (trace.meta["arm"], trace.meta["series"])
+        if key not in shared:
+            shared[key] = len(xs)
+            values = x_values(arm, np.asarray(trace.x, dtype=np.float64))
+            xs.append({axis: packed(v) for axis, v in values.items()})
+            for axis, v in values.items():
+                if not np.isfinite(v).any() and arm_name(arm) not in missing[axis]:
+                    missing[axis].append(arm_name(arm))
+        of_trace.append(shared[key])
+    return {"titles": AXES, "x": xs, "of_trace": of_trace, "missing": missing}
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -269,7 +274,8 @@ function setSmoothing(weight) {
   Plotly.restyle(curves, {y: trainRaw.map(values => smooth(values, weight))}, trainIndices);
 }
 function setAxis(axis) {
-  Plotly.restyle(curves, {x: DATA.axes.x.map(x => unpack(x[axis]))});
+  const xs = DATA.axes.x.map(x => unpack(x[axis]));
+  Plotly.restyle(curves, {x: DATA.axes.of_trace.map(i => xs[i])});
   const titles = {};
   ["xaxis", "xaxis2", "xaxis3"].forEach(a => { titles[a + ".title.text"] = DATA.axes.titles[axis]; });
   Plotly.relayout(curves, titles);
