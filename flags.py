@@ -150,6 +150,8 @@ FLAGS = {
              Number(float, 0, 1)),
         Flag("abort_margin", 0.03, "with --baseline: stop when Loss/val is this much worse (relative) at two "
              "evaluations in a row", Number(float, 0)),
+        Flag("abort_noise", 3.0, "with --baseline of two or more seeds: stop only when also worse than their mean by "
+             "this many standard deviations of the seeds", Number(float, 0)),
     ],
     "system": [
         Flag("device", "auto", "auto picks CUDA, then MPS, then CPU", choices=("auto", "cpu", "cuda", "mps")),

@@ -57,6 +57,7 @@ import evaluation
 import flags
 import loop
 import provenance
+import records
 import reproduce
 import seeds
 import tracking
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.setup()
         return run(argv, stop)
     except UsageError as e:
-        flags.build_parser().error(str(e))  # a short usage, then the line; exit 2
+        flags.build_parser().error(records.terminal_text(str(e)))  # a short usage, then the line; exit 2
     except OSError as e:  # before training: the disk is full (the token cache), or another I/O error
         say(
             f"{e.strerror or e}; nothing was trained"

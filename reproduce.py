@@ -54,11 +54,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import arms
 import checkpoint as ckpt
-import compare
 import data
 import devices
 import provenance
+import records
 import tracking
 from errors import UsageError
 
@@ -180,8 +181,8 @@ def reproduce_from(path: Path, options: argparse.Namespace, parser: argparse.Arg
     with rebuilt_code(repository(), code["commit"], recorded.patch, str(path)) as worktree:
         exit_code = rerun(worktree, code, command_line(parser, flags))
     try:
-        rerun_run = compare.load_run(out_dir)
-    except compare.CompareError:
+        rerun_run = records.load_run(out_dir)
+    except records.RecordError:
         say(f"the rerun ended with exit code {exit_code} before its first evaluation: nothing to compare")
         return exit_code or EXIT_DIFFERS
     reasons += checked_rerun(recorded.reproduce, out_dir, data_checked=not options.new_data)
@@ -260,7 +261,7 @@ def read_run_folder(folder: Path) -> Recorded:
     header = json_object(read_inside(folder, "run.json"), folder / "run.json")
     text = read_inside(folder, "metrics.jsonl").decode("utf-8", errors="replace")
     segments = [{"step": 0, "flags": as_dict(header.get("flags")), "reproduce": header.get("reproduce")}]
-    for event, _ in compare.record_events(text, str(folder / "metrics.jsonl")):
+    for event, _ in records.record_events(iter([text.encode().split(b"\n")]), str(folder / "metrics.jsonl")):
         if event.get("event") == "resumed":
             segments.append({"step": event.get("step"), "flags": as_dict(event.get("flags")),
                              "reproduce": event.get("reproduce")})  # fmt: skip
@@ -329,7 +330,7 @@ def segment_notes(segments: list[dict]) -> list[str]:
     """What differed in each resumed segment from the one before: the rerun runs the first segment's code with the
     last one's flags, so bit-identity is not expected then."""
     notes, first = [], segments[0]
-    ignored = compare.PLACE_FLAGS | DROPPED | {"offline", "max_steps"}
+    ignored = (arms.SAME_TRAINING - {"seed"}) | DROPPED | {"offline", "max_steps"}
     for before, segment in zip(segments, segments[1:], strict=False):
         code, started = (as_dict(as_dict(one["reproduce"]).get("code")) for one in (segment, first))
         if (code.get("commit"), code.get("patch_sha256")) != (started.get("commit"), started.get("patch_sha256")):
@@ -423,10 +424,10 @@ def flags_from_args(parser: argparse.ArgumentParser, args: dict[str, str]) -> di
     return flags
 
 
-def load_run(path: Path) -> compare.Run:
+def load_run(path: Path) -> records.Run:
     try:
-        return compare.load_run(path)
-    except compare.CompareError as e:
+        return records.load_run(path)
+    except records.RecordError as e:
         raise RecordError(str(e)) from None
 
 
@@ -434,7 +435,7 @@ def load_run(path: Path) -> compare.Run:
 # what the rerun is
 
 
-def rerun_steps(recorded: Recorded, original: compare.Run, asked: int | None) -> int:
+def rerun_steps(recorded: Recorded, original: records.Run, asked: int | None) -> int:
     """The step the rerun stops at: `asked`, or the original's last evaluation."""
     try:
         planned = int(recorded.flags["max_steps"])
@@ -655,7 +656,7 @@ def describe(identity: dict | None) -> str:
 # the verdict
 
 
-def verdict(original: compare.Run, rerun_run: compare.Run, steps: int, reasons: list[str]) -> tuple[str, bool]:
+def verdict(original: records.Run, rerun_run: records.Run, steps: int, reasons: list[str]) -> tuple[str, bool]:
     """One line: identical at every evaluation of the original up to `steps`, or where it first differs; where
     bit-identity is not expected (`reasons`), the largest relative difference."""
     at = {int(step): i for i, step in enumerate(rerun_run.steps)}
@@ -680,7 +681,7 @@ def verdict(original: compare.Run, rerun_run: compare.Run, steps: int, reasons: 
     return f"differs from step {step}: {text}; {identical} of {n} evaluations identical{expected}", False
 
 
-def evaluation_differences(original: compare.Run, i: int, rerun_run: compare.Run, j: int | None) -> list[tuple]:
+def evaluation_differences(original: records.Run, i: int, rerun_run: records.Run, j: int | None) -> list[tuple]:
     """(relative difference, text) of each value of the evaluation that differs; None for the sample's."""
     if j is None:
         return [(None, "the rerun has no evaluation at this step")]
@@ -692,7 +693,7 @@ def evaluation_differences(original: compare.Run, i: int, rerun_run: compare.Run
         relative = abs(new - old) / abs(old) if old else math.inf
         new_text, old_text = distinct(new, old)
         found.append((relative, f"{name} {new_text} against {old_text} ({percent(new, old)})"))
-    new_sample, old_sample = compare.decode_sample(rerun_run.samples[j]), compare.decode_sample(original.samples[i])
+    new_sample, old_sample = rerun_run.samples(j), original.samples(i)
     if new_sample != old_sample:
         found.append((None, f"the sample {shorten(new_sample)} against {shorten(old_sample)}"))
     return found

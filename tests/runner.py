@@ -1,8 +1,10 @@
 """Helpers for tests that run main.py as a user would, in its own git repository, and read ClearML offline sessions."""
 
+import itertools
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -148,3 +150,17 @@ def make_stories_project(tmp_path: Path, n_bytes: int = 400_000) -> Project:
     project = make_project(tmp_path)
     (project.path / "stories.txt").write_bytes(TRAIN_SAMPLE.read_bytes()[:n_bytes])
     return project
+
+
+def table_row(table: str, name: str) -> list[str]:
+    """The cells of a row of the table's first block, its wrapped lines joined; the dashes under the header give
+    where each column starts."""
+    lines = table.split("\n\n")[0].splitlines()
+    dashes = next(line for line in lines if re.fullmatch(r"-+(  -+)*", line))
+    spans = [m.span() for m in re.finditer(r"-+", dashes)]
+    [at] = [i for i, line in enumerate(lines) if line.startswith(name + "  ")]
+    below = itertools.takewhile(lambda line: line.startswith(" " * spans[0][1]) and line.strip(), lines[at + 1 :])
+    rows = [lines[at], *below]
+    starts = [start for start, _ in spans[1:]] + [None]
+    cells = [[row[starts[c] : starts[c + 1]].strip() for row in rows] for c in range(len(spans) - 1)]
+    return [" ".join(part for part in parts if part) for parts in cells]

@@ -13,7 +13,8 @@ import subprocess
 import sys
 
 import pytest
-from runner import TINY_MODEL, TRAIN_SAMPLE, git, make_project, wait_for_line
+from browser import chromium_driver
+from runner import TINY_MODEL, TRAIN_SAMPLE, git, make_project, table_row, wait_for_line
 
 DROPOUTS = ("0.0", "0.1", "0.2")
 RUN_FLAGS = [
@@ -54,18 +55,13 @@ def recorded_evals(folder) -> dict[int, dict]:
     return {e["step"]: e for e in map(json.loads, lines) if e["event"] == "eval"}
 
 
-def table_row(table: str, name: str) -> list[str]:
-    [line] = [line for line in table.splitlines() if line.startswith(name + "  ")]
-    return re.split(r"\s{2,}", line[len(name) :].strip())
-
-
 def expected_verdict(run: dict[int, dict], baseline: dict[int, dict]) -> tuple[str, str]:
     """Verdict and crossover at the steps both runs evaluated (the runs share their evaluation steps)."""
     steps = sorted(set(run) & set(baseline))
     diffs = [run[s]["loss_val"] - baseline[s]["loss_val"] for s in steps]
     last, base = run[steps[-1]]["loss_val"], baseline[steps[-1]]["loss_val"]
     word = "better" if last < base else "worse"
-    verdict = f"{word} by {abs(last - base):.4f} ({abs(last - base) / base:.1%})"
+    verdict = f"{word} by {abs(last - base):.4f} ({100 * abs(last - base) / base:.1f} %, 1 vs 1 seeds): noise unknown"
     signed = [(s, d > 0) for s, d in zip(steps, diffs, strict=True) if d != 0]
     changes = [signed[i][0] for i in range(1, len(signed)) if signed[i][1] != signed[i - 1][1]]
     crossover = (
@@ -97,7 +93,8 @@ def test_terminal_table(runs):
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     table = result.stdout
-    assert table_row(table, "run") == ["d0.0 (baseline)", "d0.1", "d0.2"]
+    assert table_row(table, "arm") == ["baseline", "dropout=0.1", "dropout=0.2"]
+    assert table_row(table, "runs") == ["d0.0", "d0.1", "d0.2"]
     assert table_row(table, "--dropout") == list(DROPOUTS)
     flag_rows = re.findall(r"^--\w+", table, flags=re.M)
     assert flag_rows == ["--dropout"]  # every other flag is the same; run folders and comments do not count
@@ -118,7 +115,11 @@ def test_terminal_table(runs):
 def test_baseline_flag_and_folder_of_runs(runs):
     result = compare(runs, "runs", "--baseline", "runs/d0.2")
     assert result.returncode == 0, result.stderr
-    assert table_row(result.stdout, "run") == ["d0.2 (baseline)", "d0.0", "d0.1"]
+    assert table_row(result.stdout, "runs") == ["d0.2", "d0.0", "d0.1"]  # the folder's runs in the order they started
+    assert "baseline: d0.2 (chosen by --baseline)" in result.stdout
+    by_start = compare(runs, "runs")
+    assert table_row(by_start.stdout, "runs") == ["d0.0", "d0.1", "d0.2"]
+    assert "baseline: d0.0 (the first run to start in runs)" in by_start.stdout
 
 
 def test_offline_sessions_read_like_run_folders(runs):
@@ -201,21 +202,6 @@ def test_killed_run_leaves_a_readable_record(runs):
 # the HTML page in Chromium
 
 
-def chromium_driver():
-    """Headless Chromium through Debian's chromedriver; .ci/run installs both, so only machines without them skip."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    driver_path = shutil.which("chromedriver")
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not driver_path or not browser:
-        pytest.skip("no Chromium here: apt-get install chromium chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1300"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
-
-
 def test_html_report_in_chromium(runs, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -230,7 +216,9 @@ def test_html_report_in_chromium(runs, tmp_path):
     try:
         driver.get(report.as_uri())
         traces = driver.execute_script("return document.getElementById('curves').data.map(t => t.meta);")
-        expected = [{"run": f"d{d}", "series": s} for d in DROPOUTS for s in ("Loss/train", "Loss/val", "BPB")]
+        expected = [
+            {"arm": i, "series": s, "part": "mean"} for i in range(3) for s in ("Loss/train", "Loss/val", "BPB")
+        ]
         assert traces == expected
         drawn = driver.execute_script(
             "return [...document.querySelectorAll('#curves g.trace.scatter')]"

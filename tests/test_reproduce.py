@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from runner import QUICK, SERVED_TRAIN, git, make_stories_project, wait_for_line
 
-import compare
 import data
 import flags
 import provenance
+import records
 import reproduce
 
 USER = ("-c", "user.name=t", "-c", "user.email=t@example.com")
@@ -235,7 +235,7 @@ def test_the_final_flags_turn_back_into_the_command_line_that_gives_them(argv):
     assert vars(parser.parse_args(reproduce.command_line(parser, values))) == values
 
 
-def run_of(values: list[float], samples: list[str]) -> compare.Run:
+def run_of(values: list[float], samples: list[str]) -> records.Run:
     steps = np.arange(len(values)) * 10
     evals = {
         "step": steps,
@@ -243,7 +243,7 @@ def run_of(values: list[float], samples: list[str]) -> compare.Run:
         "Loss/train": np.array(values) + 1,
         "BPB": np.ones(len(values)),
     }
-    return compare.Run(path=Path("run"), name="run", evals=evals, samples=[json.dumps({"sample": s}) for s in samples])
+    return records.Run(path=Path("run"), name="run", evals=evals, samples=lambda i: samples[i])
 
 
 def test_the_verdict_names_the_first_difference_or_the_largest():

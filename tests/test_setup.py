@@ -16,7 +16,7 @@ import jsonschema
 
 ROOT = Path(__file__).resolve().parents[1]
 PIXI_SCHEMA = ROOT / "tests" / "data" / "pixi-manifest-schema.json"
-REQUIRED = {"torch", "clearml", "numpy", "tqdm", "requests", "plotly"}
+REQUIRED = {"torch", "clearml", "numpy", "tqdm", "requests", "plotly", "scipy"}
 
 
 def load_toml(name: str) -> dict:
