@@ -22,7 +22,8 @@ Design choices:
 - A collective is waited on in Python, not blocked in C++: its completion sets a threading.Event, which the main
   thread waits on. The wait ends the moment the collective completes (no polling interval to sleep through), and a
   signal is handled while a rank waits for the others (rank 0 preparing the data, or a peer that Ctrl+C stopped in
-  the middle of an evaluation): a KeyboardInterrupt raised by its handler ends the wait at once.
+  the middle of an evaluation): a KeyboardInterrupt raised by its handler ends the wait within SIGNAL_CHECK_S,
+  whichever thread of the process the signal was delivered to.
 """
 
 import atexit
@@ -36,6 +37,8 @@ import traceback
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+SIGNAL_CHECK_S = 0.1  # the longest a wait on the other ranks goes without looking for a signal
 
 
 class PeerLost(Exception):
@@ -127,7 +130,10 @@ def wait(work: dist.Work) -> None:
     """Wait for a collective started with async_op=True, in a wait that a signal handler can end by raising."""
     done = threading.Event()
     work.get_future().add_done_callback(lambda _: done.set())  # called on completion or failure, on gloo's thread
-    done.wait()  # Python's lock waits are interrupted by signals, so the handler runs while this rank waits
+    # A signal may be delivered to any thread of the process (gloo's own among them), and then it does not end the
+    # main thread's wait: waking every SIGNAL_CHECK_S lets the main thread run the handler within that time.
+    while not done.wait(SIGNAL_CHECK_S):
+        pass
     collective(work.wait)  # the collective's failure, if it failed
 
 

@@ -183,9 +183,20 @@ def first_divergence(losses: list[float], state: TrainState, cfg) -> tuple[int, 
     return None
 
 
+def say_what_trains(run: Run, state: TrainState) -> None:
+    cfg, where = run.cfg, f", run folder {run.checkpoints.folder}" if run.checkpoints.folder else ""
+    print(f"{state.model.num_params() / 1e6:.2f}M parameters, {len(run.splits.train):,} training tokens, device "
+          f"{run.device}, dtype {run.machine.dtype}{where}", flush=True)  # fmt: skip
+    if cfg.world_size > 1:
+        print(f"world size {cfg.world_size}: global batch {cfg.batch_size * cfg.grad_accum * cfg.world_size} "
+              f"sequences (--batch_size {cfg.batch_size} x --grad_accum {cfg.grad_accum} x {cfg.world_size} "
+              "processes)", flush=True)  # fmt: skip
+
+
 def train(run: Run, state: TrainState) -> Outcome:
     """Train from state.step to max_steps, or until stopped; the state is checkpointed at the end."""
     cfg, pending, stopping, vote = run.cfg, [], False, distributed.StopVote()
+    say_what_trains(run, state)
     run.stop.interruptible = False  # a signal during a step stops the loop after the step
     evaluated_at = state.step if run.resumed else None  # a resumed run was evaluated at its saved step already
     with tqdm(total=cfg.max_steps, initial=state.step, desc="training", dynamic_ncols=True, mininterval=1.0) as bar:

@@ -323,7 +323,6 @@ def begin(cfg: Config, saved, state: TrainState, splits: data.Splits, machine: d
     header = {"run_id": run_id, "args": flags.as_dict(cfg), "model_config": dataclasses.asdict(state.model.config),
               "tokenizer": splits.tokenizer.to_json(), "task_id": tracker.task_id}  # fmt: skip
     checkpoints = ckpt.Checkpoints(folder.path if main_process else None, header, saved["step"] if saved else None)
-    say_what_trains(cfg, state.model, splits, machine, folder)
     return record, checkpoints
 
 
@@ -339,16 +338,6 @@ def record_header(cfg: Config, run_id: str, model: GPT, splits: data.Splits, mac
         "dtype": machine.dtype,
         "world_size": cfg.world_size,
     }
-
-
-def say_what_trains(cfg: Config, model: GPT, splits: data.Splits, machine: devices.Machine, folder) -> None:
-    where = f", run folder {folder.path}" if folder is not None else ""
-    print(f"{model.num_params() / 1e6:.2f}M parameters, {len(splits.train):,} training tokens, device "
-          f"{machine.device}, dtype {machine.dtype}{where}", flush=True)  # fmt: skip
-    if cfg.world_size > 1:
-        print(f"world size {cfg.world_size}: global batch {cfg.batch_size * cfg.grad_accum * cfg.world_size} "
-              f"sequences (--batch_size {cfg.batch_size} x --grad_accum {cfg.grad_accum} x {cfg.world_size} "
-              "processes)", flush=True)  # fmt: skip
 
 
 def score_only(cfg: Config, saved: dict, machine: devices.Machine) -> int:
