@@ -28,7 +28,8 @@ Design choices:
   the rest, which reaches a lower loss in the same number of steps for small GPTs. Muon works as nanochat and
   modded-nanogpt do: the matrices of one shape (q, k and v as three) are stacked and orthogonalized together by
   one batched Newton–Schulz iteration, in bf16 on CUDA, compiled there, so a step dispatches about a hundred ops
-  instead of dozens per matrix. On CUDA, fp32 matmuls may use TF32 (`enable_tf32`).
+  instead of dozens per matrix. Its AdamW part is one fused kernel per group on CUDA (`torch._fused_adamw_`), a few
+  foreach ops elsewhere. On CUDA, fp32 matmuls may use TF32 (`enable_tf32`).
 - `flops_per_token` gives the training FLOPs estimate (6N + attention) used for MFU.
 """
 
@@ -319,7 +320,8 @@ class Muon(torch.optim.Optimizer):
     moves by about the same amount. A Muon group holds the matrices of one `matrix_shape`, updated together by
     `muon_update`; its momentum is one stacked buffer, created at the first step and kept in the state of the
     group's first parameter. Embeddings, the output head and vectors keep AdamW, where orthogonal updates do not
-    fit, as a few foreach ops per group. `compile_backend` (e.g. "inductor") compiles the Muon update.
+    fit: one fused kernel per group with `fused_adamw` (on CUDA), else a few foreach ops per group.
+    `compile_backend` (e.g. "inductor") compiles the Muon update.
     """
 
     def __init__(
@@ -329,9 +331,11 @@ class Muon(torch.optim.Optimizer):
         momentum: float = 0.95,
         eps: float = 1e-8,
         compile_backend: str | None = None,
+        fused_adamw: bool = False,
     ):
         super().__init__(groups, dict(betas=betas, momentum=momentum, eps=eps, weight_decay=0.0))
         self.lr_tensors = [torch.tensor(0.0) for _ in self.param_groups]  # one per group, read by the update
+        self.fused_adamw = fused_adamw
         self.muon_update = muon_update
         if compile_backend is not None:
             self.muon_update = torch.compile(muon_update, backend=compile_backend, fullgraph=True, dynamic=False)
@@ -341,6 +345,8 @@ class Muon(torch.optim.Optimizer):
         for group, lr_tensor in zip(self.param_groups, self.lr_tensors, strict=True):
             if group["use_muon"]:
                 self._muon_step(group, lr_tensor)
+            elif self.fused_adamw:
+                self._fused_adamw_step(group)
             else:
                 self._adamw_step(group)
 
@@ -358,14 +364,22 @@ class Muon(torch.optim.Optimizer):
         lr_tensor.fill_(group["lr"])
         self.muon_update(params, grads, state["momentum_buffer"], lr_tensor, group["momentum"], ns_dtype)
 
-    def _adamw_step(self, group: dict) -> None:
+    def _adamw_states(self, group: dict) -> tuple[list[torch.Tensor], list[dict]]:
+        """The group's parameters that have a gradient, and their AdamW states (made at the first step)."""
         params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
         states = [self.state[p] for p in params]
         for p, state in zip(params, states, strict=True):
             if not state:
                 state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        return params, states
+
+    def _adamw_step(self, group: dict) -> None:
+        params, states = self._adamw_states(group)
+        if not params:
+            return
+        for state in states:
+            if torch.is_tensor(state["step"]):  # saved by the fused step: back to a count on the host, once
+                state["step"] = int(state["step"].item())
             state["step"] += 1
         grads = [p.grad for p in params]
         exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
@@ -379,6 +393,25 @@ class Muon(torch.optim.Optimizer):
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
         torch._foreach_addcdiv_(params, exp_avgs, denominators, [-lr / (1 - beta1 ** s["step"]) for s in states])
+
+    def _fused_adamw_step(self, group: dict) -> None:
+        """torch.optim.AdamW's fused kernel: one launch for the whole group. Its step counts are tensors on the
+        parameters' device, which it reads there, so nothing waits for the host."""
+        params, states = self._adamw_states(group)
+        if not params:
+            return
+        for p, state in zip(params, states, strict=True):
+            step = state["step"]
+            if not torch.is_tensor(step) or step.device != p.device:  # made here, or saved by the foreach step
+                state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device)
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        (beta1, beta2) = group["betas"]
+        torch._fused_adamw_(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [], steps, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+            eps=group["eps"], amsgrad=False, maximize=False,
+        )  # fmt: skip
 
 
 def muon_matrix_shape(name: str, p: torch.Tensor) -> tuple[int, int]:
@@ -556,7 +589,7 @@ class GPT(nn.Module):
             groups += [group | {"use_muon": False} for group in adamw_groups(triples)]
             compile_muon = device_type == "cuda" if compile_muon is None else compile_muon
             backend = "inductor" if compile_muon else None
-            optimizer = Muon(groups, betas=betas, compile_backend=backend)
+            optimizer = Muon(groups, betas=betas, compile_backend=backend, fused_adamw=device_type == "cuda")
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
         return optimizer

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import model as current_model
 from errors import UsageError
-from model import ARCHS, GPT, GPTConfig, ReluSquared, cross_entropy, muon_update, orthogonalize
+from model import ARCHS, GPT, GPTConfig, Muon, ReluSquared, cross_entropy, muon_update, orthogonalize
 
 # Tests taking `device` run on the CPU always, and on CUDA too where there is one (bench/gpu.sh selects those).
 DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
@@ -514,6 +514,68 @@ def test_separate_learning_rates_land_in_their_groups(arch, muon_lr):
             assert name.split(".")[-2] in ("wte", "wpe", "0"), name  # the token, position and value tables
             expected = (0.3, 0.1)
         assert setting[id(p)] == expected, name
+
+
+def adamw_groups_of(params: list[torch.Tensor]) -> list[dict]:
+    copies = [p.clone().requires_grad_() for p in params]
+    return [
+        {"params": copies[:2], "lr": 1e-2, "weight_decay": 0.1},
+        {"params": copies[2:], "lr": 3e-3, "weight_decay": 0.0},
+    ]
+
+
+def adamw_steps(optimizer: torch.optim.Optimizer, steps: int, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * (1 - step / (2 * steps))
+            for p in group["params"]:
+                p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+
+
+def test_fused_adamw_part_of_muon_matches_torch_adamw():
+    """The AdamW groups of the Muon optimizer, fused as on CUDA (the kernel exists on the CPU too) and foreach as
+    on the CPU, step as torch.optim.AdamW does."""
+    torch.manual_seed(0)
+    params = [torch.randn(97, 32), torch.randn(16, 32), torch.randn(32), torch.randn(1)]
+    reference = torch.optim.AdamW(adamw_groups_of(params), betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    adamw_steps(reference, 5)
+    for fused in (True, False):
+        groups = [g | {"use_muon": False} for g in adamw_groups_of(params)]
+        optimizer = Muon(groups, betas=(0.9, 0.95), eps=1e-8, fused_adamw=fused)
+        adamw_steps(optimizer, 5)
+        for group, expected in zip(optimizer.param_groups, reference.param_groups, strict=True):
+            for p, q in zip(group["params"], expected["params"], strict=True):
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        steps = [s["step"] for s in optimizer.state.values()]
+        assert all(torch.is_tensor(step) and step.item() == 5 for step in steps) if fused else steps == [5] * 4
+
+
+def test_adamw_state_moves_between_fused_and_foreach():
+    """A checkpoint of a CUDA run (fused, step counts as tensors) resumes on the CPU (foreach), and back."""
+    torch.manual_seed(0)
+    params = [torch.randn(97, 32), torch.randn(16, 32), torch.randn(32), torch.randn(1)]
+
+    def muon(groups: list[dict], fused: bool) -> Muon:
+        return Muon([g | {"use_muon": False} for g in groups], betas=(0.9, 0.95), fused_adamw=fused)
+
+    uninterrupted = muon(adamw_groups_of(params), fused=False)
+    adamw_steps(uninterrupted, 2)
+    adamw_steps(uninterrupted, 2, seed=1)
+    for first, then in ((True, False), (False, True)):
+        groups = adamw_groups_of(params)
+        before = muon(groups, fused=first)
+        adamw_steps(before, 2)
+        buffer = io.BytesIO()
+        torch.save(before.state_dict(), buffer)
+        buffer.seek(0)
+        after = muon(groups, fused=then)
+        after.load_state_dict(torch.load(buffer, weights_only=True))
+        adamw_steps(after, 2, seed=1)
+        for group, expected in zip(after.param_groups, uninterrupted.param_groups, strict=True):
+            for p, q in zip(group["params"], expected["params"], strict=True):
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.timeout(600)  # inductor compiles C++ for the CPU: tens of seconds on a loaded machine
