@@ -30,7 +30,8 @@ Design choices:
   one batched Newton–Schulz iteration, in bf16 on CUDA, compiled there, so a step dispatches about a hundred ops
   instead of dozens per matrix. Its AdamW part is one fused kernel per group on CUDA (`torch._fused_adamw_`), a few
   foreach ops elsewhere. On CUDA, fp32 matmuls may use TF32 (`enable_tf32`).
-- `flops_per_token` gives the training FLOPs estimate (6N + attention) used for MFU.
+- `flops_per_token` gives the training FLOPs estimate (6N + attention) used for MFU; `training_memory` the bytes
+  a training step holds, for the check before training.
 """
 
 import math
@@ -603,14 +604,27 @@ class GPT(nn.Module):
         n_weights = self.num_params() - sum(table.weight.numel() for table in lookups)
         return 6 * n_weights + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
-    def training_memory(self, batch_size: int) -> int:
-        """A rough lower bound of the bytes one training step holds: weights, gradients and two optimizer states
-        in fp32, the activations kept for backward (about 16 values per channel per layer), and the logits three
-        times over (logits, probabilities, their gradient)."""
-        cfg = self.config
-        tokens = batch_size * cfg.block_size
-        activations = tokens * (16 * cfg.n_layer * cfg.n_embd + 3 * cfg.vocab_size)
-        return 4 * (4 * self.num_params() + activations)
+    def training_memory(
+        self, batch_size: int, dtype: torch.dtype = torch.float32, weights_on_device: bool = False
+    ) -> int:
+        """About the peak bytes of one training step under autocast to `dtype` (float32: none): weights (unless
+        `weights_on_device`, when a free-memory figure already leaves them out), two optimizer states, then the
+        larger of the activations kept for backward and the gradients with the optimizer's temporaries.
+
+        Activations: per layer and channel about 18 values in `dtype` and two residual-stream copies in fp32 (what
+        the modern block keeps); x0_mix, unet_skips and each value-embedding layer keep about one more fp32 value.
+        Logits: two fp32 copies (the logits and their softmax, which becomes the gradient), one more in `dtype`
+        under autocast (the head's own output), one more with the soft cap. tests/test_model.py checks the figure
+        against a measured peak on the CPU.
+        """
+        cfg, n_params = self.config, self.num_params()
+        size = torch.empty((), dtype=dtype).element_size()
+        extras = cfg.n_layer * (cfg.x0_mix + cfg.unet_skips) + 2 * cfg.value_embeds
+        per_token = cfg.n_embd * (cfg.n_layer * (18 * size + 2 * 4) + 4 * extras)
+        per_token += cfg.vocab_size * (2 * 4 + (size if size < 4 else 0) + (4 if cfg.logit_softcap else 0))
+        activations = batch_size * cfg.block_size * per_token
+        weights = 0 if weights_on_device else 4 * n_params
+        return weights + 8 * n_params + max(activations, 8 * n_params)
 
     @torch.no_grad()
     def generate(
