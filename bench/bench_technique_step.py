@@ -9,6 +9,7 @@ step, zero_grad. Each candidate switches one technique on; "plain (again)" is a 
 shows the timing noise. Rounds alternate the candidates, a few steps each, so load from elsewhere on the machine
 hits all of them alike; each reports its best and its median round, each as a ratio to the plain model's. On a
 loaded machine the best rounds are the figure to read.
+The last line times tanh against sigmoid over logits of the recipe's shape: the two forms of the soft cap.
 Only time is measured here: whether a technique lowers the loss is a seeded comparison of runs.
 """
 
@@ -77,6 +78,20 @@ def make_step(name: str, flags: dict[str, str]):
     return step
 
 
+def squash_times(flags: dict[str, str], rounds: int) -> dict[str, float]:
+    """Best times of tanh and of sigmoid, in place, over logits of the recipe's (tokens x vocab) shape: the soft
+    cap's two forms (model.SoftmaxCrossEntropy takes the sigmoid one)."""
+    logits = torch.randn(int(flags["batch_size"]) * int(flags["block_size"]), int(flags["vocab_size"])) * 3
+    best = {"tanh_": float("inf"), "sigmoid_": float("inf")}
+    for _ in range(rounds):
+        for name in best:
+            x = logits.clone()
+            started = time.perf_counter()
+            getattr(x, name)()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=20)
@@ -102,6 +117,11 @@ def main() -> None:
         best, median = min(seconds), statistics.median(seconds)
         ratios = f"{best / best_plain:8.3f} {median * 1e3:10.1f} {median / median_plain:8.3f}"
         print(f"{name:38s} {best * 1e3:8.1f} {ratios}")
+    squash = squash_times(flags, args.rounds)
+    print(
+        f"the cap's squash over the logits: tanh_ {squash['tanh_'] * 1e3:.1f} ms, sigmoid_ "
+        f"{squash['sigmoid_'] * 1e3:.1f} ms ({squash['tanh_'] / squash['sigmoid_']:.1f}x)"
+    )
 
 
 if __name__ == "__main__":
