@@ -43,8 +43,8 @@ def bits_per_byte(nats_per_token: float, n_tokens: int, n_bytes: int) -> float:
 def token_losses(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast) -> torch.Tensor:
     """The loss of every target token, (B, T)."""
     with autocast:
-        logits, _ = model(x, y)
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        _, losses = model(x, y, reduction="none")
+    return losses
 
 
 @torch.no_grad()

@@ -31,7 +31,14 @@ from tokenizer import Tokenizer
 WARMUP_STEPS, WARMUP_SHARE = 100, 0.1  # default warmup: 100 steps, but never more than this share of the run
 MIN_LR_SHARE = 0.1  # default --min_lr: a tenth of --learning_rate, as nanoGPT's
 # What a resumed run cannot change: the model's shape (every GPTConfig field but dropout) and the optimizer.
-FROZEN_FLAGS = (*(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout"), "optimizer")
+# The rates too: another rate can mean another number of optimizer groups, which the saved state would not fit.
+FROZEN_FLAGS = (
+    *(f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout"),
+    "optimizer",
+    "embedding_lr",
+    "head_lr",
+    "scalar_lr",
+)
 INVOCATION_FLAGS = (
     "resume",
     "new_data",
@@ -110,6 +117,19 @@ FLAGS = {
         Flag("block_size", 256, "context length in tokens", POSITIVE_INT),
         Flag("dropout", 0.0, "dropout rate", FRACTION),
         Flag("bias", False, "biases in linear layers and LayerNorm", action="bool"),
+        Flag("zero_init_proj", False, "attention and MLP output projections start at zero, so each block starts as "
+             "the identity", action="bool"),
+        Flag("zero_init_head", False, "the output head starts at zero, so the first prediction is uniform (not with "
+             "--arch gpt2, whose head is tied)", action="bool"),
+        Flag("embed_norm", False, "RMSNorm on the token embedding before the first block", action="bool"),
+        Flag("x0_mix", False, "each block's input is a learned mix of the residual stream and the embedding",
+             action="bool"),
+        Flag("value_embeds", 0, "N value-embedding tables mixed into v of the first and last N layers (0: off; at "
+             "most n_layer / 2)", COUNT),
+        Flag("unet_skips", False, "learned skips from each early block's input to its mirrored late block",
+             action="bool"),
+        Flag("logit_softcap", 0.0, "squash the logits to cap * tanh(logits / cap); 0 is off (the speedrun uses "
+             "15-30)", Number(float, 0)),
     ],
     "training": [
         Flag("batch_size", 32, "sequences per micro-batch (per process under torchrun)", POSITIVE_INT),
@@ -126,6 +146,11 @@ FLAGS = {
         Flag("optimizer", "muon", "muon: Muon for hidden matrices, AdamW for embeddings and vectors; adamw: AdamW "
              "for all", choices=("muon", "adamw")),
         Flag("muon_lr", 0.02, "peak Muon learning rate", POSITIVE),
+        Flag("embedding_lr", None, "peak AdamW rate of the token, position and value embeddings (default: "
+             "--learning_rate)", POSITIVE),
+        Flag("head_lr", None, "peak AdamW rate of the untied output head (default: --learning_rate)", POSITIVE),
+        Flag("scalar_lr", None, "peak AdamW rate of vectors and scalars: norm weights, biases, the learned mixes "
+             "(default: --learning_rate)", POSITIVE),
         Flag("weight_decay", 0.1, "AdamW weight decay on matrices", Number(float, 0)),
         Flag("beta1", 0.9, "AdamW beta1", FRACTION),
         Flag("beta2", 0.95, "AdamW beta2", FRACTION),
@@ -285,10 +310,19 @@ def check(cfg: Config) -> None:
         raise UsageError("--eval_split all scores a whole local file: it needs --eval_only and --data FILE")
     if cfg.n_embd % cfg.n_head:
         raise UsageError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
+    model_config(cfg, cfg.vocab_size)  # the model's own checks of its techniques (UsageError)
+    if cfg.head_lr is not None and cfg.arch == "gpt2":
+        raise UsageError("--head_lr needs an untied head: --arch gpt2 ties it to the token embedding")
     if cfg.baseline and cfg.out_dir and Path(cfg.baseline).resolve() == Path(cfg.out_dir).resolve():
         raise UsageError(f"--baseline {cfg.baseline} is this run's own --out_dir: a run cannot be its own baseline")
     if cfg.min_lr is not None and cfg.min_lr > cfg.learning_rate:
         raise UsageError(f"--min_lr {cfg.min_lr} is above --learning_rate {cfg.learning_rate}")
+
+
+def model_config(cfg: Config, vocab_size: int) -> GPTConfig:
+    """The model the configuration describes: every GPTConfig field is the flag of the same name."""
+    shape = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"}
+    return GPTConfig(vocab_size=vocab_size, **shape)
 
 
 def dataset_tag(data_flag: str) -> str:

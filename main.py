@@ -64,7 +64,7 @@ import tracking
 from ending import StopFlag, say
 from errors import UsageError
 from flags import Config
-from model import GPT, GPTConfig, enable_tf32
+from model import GPT, enable_tf32
 from state import TrainState
 from tokenizer import Tokenizer
 
@@ -192,7 +192,9 @@ def prepare(cfg: Config, saved, machine: devices.Machine, probing: bool, folder,
     # The text may allow fewer merges than asked; the training tokens as used.
     cfg = dataclasses.replace(cfg, vocab_size=splits.tokenizer.vocab_size, train_tokens=len(splits.train))
     state = build_state(cfg, splits, saved, machine)
-    eval_model = torch.compile(state.model) if cfg.compile else state.model
+    # One graph of fixed shapes, so a graph break or a recompile is an error, not a silent slowdown; sampling runs
+    # on the model itself (its growing sequence would recompile at every length).
+    eval_model = torch.compile(state.model, fullgraph=True, dynamic=False) if cfg.compile else state.model
     step_model = distributed.wrap(eval_model, machine.device)  # DDP for the training steps only
     max_steps = cfg.max_steps
     if probing:
@@ -247,17 +249,18 @@ def load_data(cfg: Config, tokenizer: Tokenizer | None) -> data.Splits:
     return splits
 
 
-def build_model(cfg: Config, vocab_size: int, device: str, weights: dict | None, training: bool = True) -> GPT:
+def build_model(cfg: Config, vocab_size: int, machine: devices.Machine, weights: dict | None, training: bool = True):
     """The model the configuration describes, on the device, with the saved weights when resuming; for training,
     a batch whose step cannot fit in the device's memory is refused up front."""
-    shape = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"}
-    model = GPT(GPTConfig(vocab_size=vocab_size, **shape)).to(device)
-    needed, free = model.training_memory(cfg.batch_size), devices.available_memory(device)
+    model = GPT(flags.model_config(cfg, vocab_size)).to(machine.device)
+    dtype = getattr(torch, machine.dtype)
+    needed = model.training_memory(cfg.batch_size, dtype, weights_on_device=machine.device != "cpu")
+    free = devices.available_memory(machine.device)
     if training and free is not None and needed > free:
         raise UsageError(
             f"--batch_size {cfg.batch_size} with --block_size {cfg.block_size}: a training step needs about "
-            f"{needed / 2**30:.1f} GiB, and {device} has {free / 2**30:.1f} GiB free; use a smaller --batch_size "
-            "(and --grad_accum for the same batch) or a smaller model"
+            f"{needed / 2**30:.1f} GiB, and {machine.device} has {free / 2**30:.1f} GiB free; use a smaller "
+            "--batch_size (and --grad_accum for the same batch) or a smaller model"
         )
     if weights is not None:
         try:
@@ -268,17 +271,17 @@ def build_model(cfg: Config, vocab_size: int, device: str, weights: dict | None,
 
 
 def build_optimizer(model: GPT, cfg: Config, device: str) -> torch.optim.Optimizer:
-    muon_lr = cfg.muon_lr if cfg.optimizer == "muon" else None
-    betas = (cfg.beta1, cfg.beta2)
     return model.configure_optimizers(
-        cfg.weight_decay, cfg.learning_rate, betas, device, muon_lr=muon_lr, compile_muon=cfg.compile
-    )
+        cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device,
+        muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else None, compile_muon=cfg.compile,
+        embedding_lr=cfg.embedding_lr, head_lr=cfg.head_lr, scalar_lr=cfg.scalar_lr,
+    )  # fmt: skip
 
 
 def build_state(cfg: Config, splits: data.Splits, saved: dict | None, machine: devices.Machine) -> TrainState:
     """The training state: new (weights from --seed) or the saved one, whole."""
     torch.manual_seed(cfg.seed + distributed.rank())  # weights come from the main process (DDP broadcasts them)
-    model = build_model(cfg, splits.tokenizer.vocab_size, machine.device, None)
+    model = build_model(cfg, splits.tokenizer.vocab_size, machine, None)
     optimizer = build_optimizer(model, cfg, machine.device)
     scaler = torch.amp.GradScaler(enabled=machine.dtype == "float16")
     batches = data.Batches(
@@ -345,7 +348,7 @@ def score_only(cfg: Config, saved: dict, machine: devices.Machine) -> int:
     is the last line on stdout, which is what scripts read."""
     folder = ckpt.RunFolder.claim(cfg.resume, resuming=True, overwrite=False) if distributed.is_main() else None
     splits = load_data(cfg, Tokenizer.from_json(saved["tokenizer"]))
-    model = build_model(cfg, splits.tokenizer.vocab_size, machine.device, saved["model"])
+    model = build_model(cfg, splits.tokenizer.vocab_size, machine, saved["model"])
     tokens, n_bytes = splits.val, splits.val_bytes
     if cfg.eval_split == "all":  # a local file: its training split is the bytes before the validation split
         tokens, n_bytes = np.concatenate([splits.train, splits.val]), Path(cfg.data).stat().st_size
@@ -362,7 +365,7 @@ def score_only(cfg: Config, saved: dict, machine: devices.Machine) -> int:
 def sample_only(cfg: Config, saved: dict, machine: devices.Machine) -> int:
     """--sample: --num_samples continuations of --prompt from the run's model, printed; nothing is written."""
     tokenizer = Tokenizer.from_json(saved["tokenizer"], "the checkpoint's tokenizer")
-    model = build_model(cfg, tokenizer.vocab_size, machine.device, saved["model"], training=False)
+    model = build_model(cfg, tokenizer.vocab_size, machine, saved["model"], training=False)
     texts = evaluation.generate_samples(model, tokenizer, cfg, machine.device, machine.autocast(), cfg.num_samples)
     for i, text in enumerate(texts, 1):
         print(f"--- sample {i} of {len(texts)} (step {saved['step']}, seed {cfg.seed}) ---", flush=True)

@@ -25,7 +25,7 @@ FLAGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "1
 
 def tiny_state(cfg, tokens: np.ndarray) -> TrainState:
     torch.manual_seed(cfg.seed)
-    model = main.build_model(cfg, 300, "cpu", None)
+    model = main.build_model(cfg, 300, devices.Machine("cpu", "float32"), None)
     scaler = torch.amp.GradScaler("cpu", enabled=True)  # enabled, so that its growth tracker moves
     batches = data.Batches(tokens, cfg.batch_size, cfg.block_size, cfg.seed, "cpu")
     return TrainState(model, main.build_optimizer(model, cfg, "cpu"), scaler, batches, "cpu", cfg.seed)
