@@ -254,7 +254,7 @@ def build_model(cfg: Config, vocab_size: int, machine: devices.Machine, weights:
     a batch whose step cannot fit in the device's memory is refused up front."""
     model = GPT(flags.model_config(cfg, vocab_size)).to(machine.device)
     dtype = getattr(torch, machine.dtype)
-    needed = model.training_memory(cfg.batch_size, dtype, weights_on_device=machine.device != "cpu")
+    needed = model.training_memory(cfg.batch_size, dtype, weights_on_device=True)  # free memory leaves them out
     free = devices.available_memory(machine.device)
     if training and free is not None and needed > free:
         raise UsageError(

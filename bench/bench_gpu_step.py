@@ -27,7 +27,6 @@ no code is generated): it checks the script in seconds, its figures mean nothing
 """
 
 import argparse
-import inspect
 import json
 import sys
 import time
@@ -80,13 +79,11 @@ OURS = dict(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), muon_lr=0.0
 BASELINE = dict(weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95))
 
 
-def memory_estimate(model: GPT, batch_size: int, dtype: str) -> int | None:
-    """`model.training_memory`, given the autocast dtype where it takes one; None where the model has no estimate."""
-    estimate = getattr(model, "training_memory", None)
-    if estimate is None:
-        return None
-    extra = {"dtype": dtype} if "dtype" in inspect.signature(estimate).parameters else {}
-    return int(estimate(batch_size, **extra))
+def memory_estimate(model: GPT, batch_size: int, dtype: str) -> int:
+    """main.py's estimate of a training step's memory, for a model whose weights are already on the device (as
+    torch.cuda.max_memory_allocated counts them too, they are added back)."""
+    beyond_weights = model.training_memory(batch_size, getattr(torch, dtype), weights_on_device=True)
+    return int(beyond_weights + sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
 def graph_counts() -> tuple[int, int]:

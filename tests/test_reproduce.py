@@ -26,7 +26,12 @@ import records
 import reproduce
 
 USER = ("-c", "user.name=t", "-c", "user.email=t@example.com")
-TWEAK = "def scaled(loss):\n    return lambda logits, targets: 1.25 * loss(logits, targets)\n"
+# The training loss only (the mean): evaluations take each token's loss, which stays as it was.
+TWEAK = """def scaled(loss):
+    def tweaked(logits, targets, reduction="mean", cap=0.0):
+        return 1.25 * loss(logits, targets) if reduction == "mean" else loss(logits, targets, reduction, cap)
+    return tweaked
+"""
 
 
 def edit(path, old: str, new: str) -> None:
