@@ -44,6 +44,7 @@ Design choices:
 
 import ast
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import io
@@ -184,6 +185,7 @@ def imported_names(path: Path) -> set[str]:
     return names
 
 
+@functools.cache  # the task and the run record both list them; the program's imports do not change meanwhile
 def runtime_requirements() -> list[str]:
     """`name==version` of each installed distribution that the program's loaded modules import."""
     files = {
@@ -338,10 +340,14 @@ class Tracker:
     def add_tags(self, tags: list[str]) -> None:
         self.task.add_tags(tags)
 
-    def update_flags(self, changed: dict) -> None:
-        """Flags the run settled after they were connected (a default that depends on others, a step count)."""
-        for name, value in changed.items():
-            self.task.set_parameter(f"Args/{name}", value)
+    def update_flags(self, flags: dict) -> None:
+        """Args as the run settled them after they were connected (a default that follows others, a step count):
+        the values that differ from what the task holds, in one update."""
+        held = self.task.get_parameters()
+        as_held = {name: "" if value is None else str(value) for name, value in flags.items()}
+        changed = {f"Args/{name}": flags[name] for name, text in as_held.items() if held.get(f"Args/{name}") != text}
+        if changed:
+            self.task.update_parameters(changed)
 
     def connect(self, flags: dict, types: dict[str, type]) -> dict:
         """Record `flags` as Hyperparameters → Args; return the values the run goes on with.
