@@ -78,6 +78,9 @@ class StopFlag:
 
     @contextlib.contextmanager
     def allowing_interrupts(self):
+        """A block that a signal ends at once; one that came just before the block ends it before it starts."""
+        if self.requested and self.reason is None:
+            raise KeyboardInterrupt
         self.interruptible = True
         try:
             yield

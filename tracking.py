@@ -478,7 +478,7 @@ class RunRecord:
             "hypothesis": header["flags"].get("comment", ""),
             "git": {"commit": commit, "dirty": dirty},
             "clearml": clearml,
-            "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "started": datetime.now().astimezone().isoformat(timespec="milliseconds"),  # orders runs started together
             **reproduce,
         }
         data.write_atomic(self.header_path, (json.dumps(header, indent=1, default=str) + "\n").encode())

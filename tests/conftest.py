@@ -9,7 +9,7 @@ import signal  # noqa: E402
 from pathlib import Path  # noqa: E402 (after the thread setting, which torch reads when it is imported)
 
 import pytest  # noqa: E402
-from runner import SERVED_TRAIN, SERVED_VALID, TRAIN_SAMPLE, VALID_SAMPLE  # noqa: E402
+from runner import SERVED_TRAIN, SERVED_VALID, STARTED, TRAIN_SAMPLE, VALID_SAMPLE  # noqa: E402
 
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -35,3 +35,14 @@ def own_signal_handlers():
     yield
     for signum, handler in handlers.items():
         signal.signal(signum, handler)
+
+
+@pytest.fixture(autouse=True)
+def no_program_left_running():
+    """A test that failed before its program ended does not leave it running to slow down the tests after it."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()

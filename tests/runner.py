@@ -31,6 +31,9 @@ TINY_MODEL = [
 QUICK = [*TINY_MODEL, "--data", "stories.txt", "--eval_iters", "2", "--eval_interval", "10", "--sample_tokens", "5"]
 
 
+STARTED: list[subprocess.Popen] = []  # every program a test started with Project.start
+
+
 @dataclass
 class Project:
     """A copy of the program in its own git repository (no remote), with its own HOME and cache."""
@@ -55,7 +58,7 @@ class Project:
         )
 
     def start(self, *args: str, **env: str) -> subprocess.Popen:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "main.py", *args],
             cwd=self.path,
             env=self.env(**env),
@@ -63,6 +66,8 @@ class Project:
             stderr=subprocess.PIPE,
             text=True,
         )
+        STARTED.append(process)  # ended after the test if it is still running (see conftest.py)
+        return process
 
     def sessions(self) -> list["OfflineSession"]:
         """ClearML offline sessions written under this HOME, oldest first."""

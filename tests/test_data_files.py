@@ -26,6 +26,9 @@ import data
 from errors import UsageError
 from tokenizer import Tokenizer
 
+# Its module-scoped runs are made once: the tests of this file share one worker.
+pytestmark = pytest.mark.xdist_group("data_files")
+
 COPIES = 2  # of the sample: long enough to interrupt while it is tokenized
 
 
@@ -122,6 +125,7 @@ from pathlib import Path
 import numpy as np
 import data
 from tokenizer import Tokenizer
+
 data.CHUNK_BYTES = 256 << 10  # several commits before the disk is full
 source, cache, tokenizer, out = sys.argv[1], Path(sys.argv[2]), Tokenizer.load(sys.argv[3]), Path(sys.argv[4])
 try:

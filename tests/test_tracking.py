@@ -20,6 +20,9 @@ from runner import TINY_MODEL, TRAIN_SAMPLE, OfflineSession, make_project
 
 import tracking
 
+# Its module-scoped runs are made once: the tests of this file share one worker.
+pytestmark = pytest.mark.xdist_group("tracking")
+
 PROMPT = "Once\r upon\x07 a time"
 FIRST = [*TINY_MODEL, "--data", "stories.txt", "--max_steps", "3", "--eval_interval", "1", "--eval_iters", "1"]
 FIRST += ["--sample_tokens", "4", "--prompt", PROMPT, "--out_dir", "RUN"]
@@ -204,6 +207,7 @@ def test_continuing_a_task_adds_no_iteration_offset(tmp_path):
 SAMPLES_SCRIPT = """
 import json, sys
 import tracking
+
 
 def run(steps, rows):
     tracker = tracking.Tracker("samples", "many", [], "", offline=True)
