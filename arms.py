@@ -120,14 +120,21 @@ def arm_key(run: Run) -> tuple:
 
 
 def group_arms(runs: list[Run], baseline: Run) -> list[Arm]:
-    """The runs' arms in the order their first runs come, the baseline's arm first, each labelled."""
+    """The runs' arms in the order their first runs come, the baseline's arm first, each labelled; an arm's runs
+    by seed."""
     arms: dict[tuple, Arm] = {}
     for run in [baseline] + [r for r in runs if r is not baseline]:
         arms.setdefault(arm_key(run), Arm([])).runs.append(run)
     ordered = list(arms.values())
     for arm in ordered:
+        arm.runs.sort(key=seed_order)  # seeds in order, however their runs were started
         arm.label = label(arm, ordered[0])
     return ordered
+
+
+def seed_order(run: Run) -> tuple:
+    seed = run.flags.get("seed", "")
+    return (0, int(seed), "") if seed.isdigit() else (1, 0, seed)
 
 
 def label(arm: Arm, baseline: Arm) -> str:

@@ -1,5 +1,6 @@
 """Helpers for tests that run main.py as a user would, in its own git repository, and read ClearML offline sessions."""
 
+import contextlib
 import itertools
 import json
 import os
@@ -119,14 +120,14 @@ def make_project(tmp_path: Path) -> Project:
     return Project(repo, home, tmp_path / "cache")
 
 
-def wait_for_line(stream, needle: str, timeout: float, exact: bool = False) -> str:
-    """Read lines from a pipe until one contains `needle` (or is `needle`, with `exact`); returns everything read.
+def wait_for_line(stream, needle: str, timeout: float) -> str:
+    """Read lines from a pipe until one contains `needle`; returns everything read.
 
     The pipe is read in a thread that stops after that line, so the timeout holds however the program stalls."""
     lines: queue.Queue = queue.Queue()
 
     def matches(line: str) -> bool:
-        return line.rstrip("\n") == needle if exact else needle in line
+        return needle in line
 
     def read() -> None:
         for line in iter(stream.readline, ""):
@@ -148,6 +149,19 @@ def wait_for_line(stream, needle: str, timeout: float, exact: bool = False) -> s
         if matches(line):
             return "".join(seen)
     raise AssertionError(f"{needle!r} not seen within {timeout} s; got:\n{''.join(seen)}")
+
+
+def wait_for_record(folder: Path, event: dict, timeout: float) -> None:
+    """Wait until the run's metrics.jsonl holds an event with these fields (the record is written as it happens)."""
+    deadline, path = time.monotonic() + timeout, folder / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    if event.items() <= json.loads(line).items():
+                        return
+        time.sleep(0.02)  # a file has no event to wait on: look again shortly
+    raise AssertionError(f"no event {event} in {path} within {timeout} s")
 
 
 def make_stories_project(tmp_path: Path, n_bytes: int = 400_000) -> Project:

@@ -193,13 +193,15 @@ import distributed
 distributed.setup()
 try:
     if distributed.rank() == 1:
-        threading.Event().wait()  # busy elsewhere until Ctrl+C reaches it too
+        while not threading.Event().wait(0.1):  # busy elsewhere until Ctrl+C reaches it too (looking for it)
+            pass
     print("waiting", flush=True)
     distributed.wait_for_all()
 except KeyboardInterrupt:
     print(f"rank {distributed.rank()} interrupted", file=sys.__stdout__, flush=True)
     if distributed.rank() == 0:  # stays, so that torchrun does not end rank 1 before Ctrl+C reaches it too
-        threading.Event().wait()
+        while not threading.Event().wait(0.1):
+            pass
     sys.exit(130)
 """
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from runner import QUICK, make_stories_project, wait_for_line
+from runner import QUICK, make_stories_project, wait_for_line, wait_for_record
 
 
 @pytest.fixture
@@ -59,8 +59,7 @@ def test_second_ctrl_c_quits_at_once(project):
     process = project.start(
         *QUICK, "--batch_size", "1024", "--max_steps", "100000", "--sample_tokens", "0", "--out_dir", "RUN"
     )
-    wait_for_line(process.stdout, "step 0:", timeout=60)
-    wait_for_line(process.stdout, "---", timeout=60, exact=True)  # the sample's end: the training steps begin
+    wait_for_record(project.path / "RUN", {"event": "eval", "step": 0}, timeout=60)  # recorded: the steps begin
     process.send_signal(signal.SIGINT)
     wait_for_line(process.stderr, "stopping after this step", timeout=10)
     process.send_signal(signal.SIGINT)
