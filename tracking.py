@@ -32,6 +32,8 @@ Design choices:
 - ClearML's own reseeding of torch at `Task.init` is off: it would undo the RNG state a resumed run restores.
 - Framework auto-logging is off: the checkpoint is registered once, explicitly, as the task's output model.
 - Offline sessions are marked completed when imported, so an aborted or failed run also gets a tag saying so.
+- A process started by another one that tracks a ClearML task inherits its mark, and ClearML would then give it a
+  stub instead of a task of its own (nothing recorded): the mark is dropped before `Task.init`.
 - Under torchrun only global rank 0 creates a task; the other ranks hold a `NoTracker`. (ClearML would otherwise
   attach local ranks to their node's task by itself, and create one task per node.)
 - `--queue` hands the task, its flags connected, to clearml-agent with `Task.execute_remotely`; on the agent the
@@ -68,6 +70,7 @@ from clearml.backend_api.session.defs import ENV_ACCESS_KEY, ENV_SECRET_KEY
 from clearml.backend_config.defs import LOCAL_CONFIG_FILE_OVERRIDE_VAR, LOCAL_CONFIG_FILES
 from clearml.backend_interface.util import get_queue_id
 from clearml.config import config_obj, running_remotely
+from clearml.config.defs import PROC_MASTER_ID_ENV_VAR
 from clearml.utilities.pyhocon import ConfigFactory
 from clearml.utilities.resource_monitor import ResourceMonitor
 
@@ -286,6 +289,7 @@ class Tracker:
 
         `continue_task_id`: the task of the run being resumed.
         """
+        PROC_MASTER_ID_ENV_VAR.pop()  # a tracked process marks its children; this run wants a task of its own
         notes = []
         problem = config_problem()
         if problem and not offline:

@@ -13,9 +13,6 @@ from runner import TINY_MODEL, TRAIN_SAMPLE, make_project, wait_for_line
 
 import tracking
 
-# Its module-scoped runs are made once: the tests of this file share one worker.
-pytestmark = pytest.mark.xdist_group("clearml_server_faults")
-
 QUICK = [*TINY_MODEL, "--data", "stories.txt", "--max_steps", "1", "--eval_interval", "1", "--eval_iters", "1"]
 BROKEN_CONF = 'api {\n  api_server: "http://localhost:8008"\n  credentials {\n    access_key: "k"\n  }\n}\n}}\n'
 

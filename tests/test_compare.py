@@ -16,9 +16,6 @@ import pytest
 from browser import chromium_driver
 from runner import TINY_MODEL, TRAIN_SAMPLE, git, make_project, table_row, wait_for_line
 
-# Its module-scoped runs are made once: the tests of this file share one worker.
-pytestmark = pytest.mark.xdist_group("compare")
-
 DROPOUTS = ("0.0", "0.1", "0.2")
 RUN_FLAGS = [
     *TINY_MODEL,

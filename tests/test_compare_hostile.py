@@ -28,8 +28,7 @@ from synthetic import evaluation, header, write_run
 import compare
 import records
 
-# Its module-scoped runs are made once: the tests of this file share one worker.
-pytestmark = [pytest.mark.timeout(120), pytest.mark.xdist_group("compare_hostile")]
+pytestmark = pytest.mark.timeout(120)
 CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # everything but the newline
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -26,9 +26,6 @@ import data
 from errors import UsageError
 from tokenizer import Tokenizer
 
-# Its module-scoped runs are made once: the tests of this file share one worker.
-pytestmark = pytest.mark.xdist_group("data_files")
-
 COPIES = 2  # of the sample: long enough to interrupt while it is tokenized
 
 

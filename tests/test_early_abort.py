@@ -16,9 +16,6 @@ from synthetic import evaluation, header, write_run
 
 import compare
 
-# Its module-scoped runs are made once: the tests of this file share one worker.
-pytestmark = pytest.mark.xdist_group("early_abort")
-
 MAX_STEPS, EVAL_INTERVAL = 50, 5
 RUN_FLAGS = [
     *TINY_MODEL,

@@ -13,9 +13,6 @@ from runner import TINY_MODEL, TRAIN_SAMPLE, git, make_project
 
 from flags import ALL_FLAGS
 
-# Its module-scoped runs are made once: the tests of this file share one worker.
-pytestmark = pytest.mark.xdist_group("end_to_end")
-
 HYPOTHESIS = "Hypothesis: dropout 0.3 helps a tiny model"
 RUN_FLAGS = [
     *TINY_MODEL,

@@ -19,9 +19,6 @@ from runner import QUICK, make_stories_project
 
 import checkpoint as ckpt
 
-# Its module-scoped runs are made once: the tests of this file share one worker.
-pytestmark = pytest.mark.xdist_group("hostile_files")
-
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):

@@ -10,9 +10,6 @@ import pytest
 import torch
 from runner import QUICK, make_stories_project
 
-# Its module-scoped runs are made once: the tests of this file share one worker.
-pytestmark = pytest.mark.xdist_group("record")
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

@@ -25,9 +25,6 @@ import provenance
 import records
 import reproduce
 
-# Its module-scoped runs are made once: the tests of this file share one worker.
-pytestmark = pytest.mark.xdist_group("reproduce")
-
 USER = ("-c", "user.name=t", "-c", "user.email=t@example.com")
 # The training loss only (the mean): evaluations take each token's loss, which stays as it was.
 TWEAK = """def scaled(loss):

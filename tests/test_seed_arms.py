@@ -18,8 +18,7 @@ from scipy import stats
 
 import compare
 
-# Its module-scoped runs are made once: the tests of this file share one worker.
-pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("seed_arms")]
+pytestmark = pytest.mark.timeout(300)
 STEPS = 20
 RUN_FLAGS = [*TINY_MODEL, "--data", "stories.txt", "--max_steps", str(STEPS), "--eval_interval", "5",
              "--eval_iters", "2", "--sample_tokens", "5"]  # fmt: skip

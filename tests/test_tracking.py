@@ -6,6 +6,7 @@ of a continued task, and the debug-sample files of 105 evaluations.
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,12 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from runner import TINY_MODEL, TRAIN_SAMPLE, OfflineSession, make_project
+from runner import QUICK, TINY_MODEL, TRAIN_SAMPLE, OfflineSession, make_project, make_stories_project
 
 import tracking
-
-# Its module-scoped runs are made once: the tests of this file share one worker.
-pytestmark = pytest.mark.xdist_group("tracking")
 
 PROMPT = "Once\r upon\x07 a time"
 FIRST = [*TINY_MODEL, "--data", "stories.txt", "--max_steps", "3", "--eval_interval", "1", "--eval_iters", "1"]
@@ -245,3 +243,14 @@ def test_data_refused_after_the_task_started_fails_the_task_with_one_line(runs):
     refused = project.sessions()[-1]
     assert sorted(refused.task["tags"]) == ["failed", "tiny.txt"]
     assert "training a 300-token BPE tokenizer" in refused.console()
+
+
+def test_a_run_started_by_a_tracked_process_still_gets_its_own_task(tmp_path):
+    """ClearML marks the children of a process that tracks a task; a run started by one (a notebook, a sweep
+    script) would get a stub that records nothing, unless the mark is dropped."""
+    project = make_stories_project(tmp_path)
+    parent = f"{os.getpid()}:offline-{uuid.uuid4().hex}"
+    result = project.run(*QUICK, "--max_steps", "2", "--out_dir", "RUN", CLEARML_PROC_MASTER_ID=parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [session] = project.sessions()
+    assert sorted(session.scalars("Loss", "val")) == [0, 2]
