@@ -16,7 +16,7 @@ def runs(tmp_path_factory):
     project = make_stories_project(tmp_path_factory.mktemp("record"))
     for flags in (
         ["--max_steps", "12", "--out_dir", "FRESH"],
-        ["--max_steps", "100000", "--max_seconds", "2", "--out_dir", "TIMED"],
+        ["--max_steps", "100000", "--max_seconds", "1", "--out_dir", "TIMED"],
         ["--max_steps", "6", "--out_dir", "RESUMED"],
     ):
         result = project.run(*QUICK, *flags)

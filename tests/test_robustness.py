@@ -45,7 +45,7 @@ def test_resume_continues_after_the_saved_step(project):
     assert finish(process)[0] == 130
     saved_step = torch.load(project.path / "RUN" / "ckpt.pt", weights_only=False)["step"]
 
-    result = project.run("--resume", "RUN", "--max_seconds", "3")
+    result = project.run("--resume", "RUN", "--max_seconds", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     first, resumed = project.sessions()
     steps = sorted(resumed.scalars("Loss", "val"))

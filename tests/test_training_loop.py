@@ -104,7 +104,7 @@ def test_resume_trains_with_changed_optimizer_flags_and_refuses_another_optimize
 
 
 def test_max_seconds_becomes_a_recorded_step_count_that_reproduces(project):
-    timed = project.run(*QUICK, "--max_steps", "100000", "--max_seconds", "2", "--out_dir", "TIMED")
+    timed = project.run(*QUICK, "--max_steps", "100000", "--max_seconds", "1", "--out_dir", "TIMED")
     assert timed.returncode == 0, timed.stderr[-2000:]
     saved = torch.load(project.path / "TIMED" / "ckpt.pt", weights_only=False)
     steps = saved["args"]["max_steps"]
