@@ -73,7 +73,7 @@ def test_better_run_finishes(project):
 def test_baseline_on_other_data_is_refused(project):
     other = project.path / "other.txt"
     other.write_bytes(TRAIN_SAMPLE.read_bytes()[300_000:600_000])
-    result = project.run(*RUN_FLAGS, "--data", "other.txt", "--baseline", "BASE", "--out_dir", "OTHER", timeout=300)
+    result = project.refused(*RUN_FLAGS, "--data", "other.txt", "--baseline", "BASE", "--out_dir", "OTHER")
     assert result.returncode == 2
     assert "--baseline BASE: the baseline was trained on mystories.txt, this run on other.txt" in result.stderr
     assert "Traceback" not in result.stderr
@@ -81,7 +81,7 @@ def test_baseline_on_other_data_is_refused(project):
 
 
 def test_missing_baseline_is_refused(project):
-    result = project.run(*RUN_FLAGS, "--baseline", "NOWHERE", "--out_dir", "MISSING", timeout=300)
+    result = project.refused(*RUN_FLAGS, "--baseline", "NOWHERE", "--out_dir", "MISSING")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith("--baseline NOWHERE: NOWHERE does not exist")
 

@@ -52,7 +52,7 @@ def test_a_checkpoint_that_carries_code_is_refused_and_its_code_never_runs(proje
     copy_run(project, "EVIL")
     torch.save({"program": "gpt-from-scratch", "model": RunsCode()}, project.path / "EVIL" / "ckpt.pt")
     for extra in ([], ["--eval_only", "--data", "stories.txt"], ["--sample"]):
-        result = project.run("--resume", "EVIL", *extra)
+        result = project.refused("--resume", "EVIL", *extra)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert "holds objects other than tensors and plain values, so it was not loaded" in last_line(result.stderr)
     assert not (project.path / "CODE-RAN").exists()
@@ -68,7 +68,7 @@ def test_a_corrupted_checkpoint_is_refused_before_anything_is_written(project):
     torch.save(state, buffer)
     path.write_bytes(buffer.getvalue())
     before = folder_contents(project.path / "FLIPPED")
-    result = project.run("--resume", "FLIPPED", "--max_steps", "6")
+    result = project.refused("--resume", "FLIPPED", "--max_steps", "6")
     assert result.returncode == 2 and "fails its checksum: the file is corrupted" in last_line(result.stderr)
     assert folder_contents(project.path / "FLIPPED") == before
 
@@ -77,7 +77,7 @@ def test_another_runs_checkpoint_copied_into_a_run_folder_is_refused(project):
     copy_run(project, "SWAPPED")
     shutil.copy(project.path / "OTHER" / "ckpt.pt", project.path / "SWAPPED" / "ckpt.pt")
     before = folder_contents(project.path / "SWAPPED")
-    result = project.run("--resume", "SWAPPED", "--max_steps", "6")
+    result = project.refused("--resume", "SWAPPED", "--max_steps", "6")
     assert result.returncode == 2 and "belongs to another run" in last_line(result.stderr)
     assert folder_contents(project.path / "SWAPPED") == before
 
@@ -89,7 +89,7 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_flags_is_one_line(project):
     state["args"]["n_embd"] = 128  # the flags say one shape, the weights hold another; the checksum still holds
     state["checksum"] = ckpt.checksum(state)
     torch.save(state, path)
-    result = project.run("--resume", "RESHAPED", "--max_steps", "6")
+    result = project.refused("--resume", "RESHAPED", "--max_steps", "6")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "its weights do not fit its recorded model shape (size mismatch for" in last_line(result.stderr)
 
@@ -98,7 +98,7 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_flags_is_one_line(project):
 def test_a_refused_overwrite_leaves_the_old_run_as_it_was(project, refusal):
     copy_run(project, "REPLACED")
     before = folder_contents(project.path / "REPLACED")
-    result = project.run(*QUICK, "--max_steps", "3", "--out_dir", "REPLACED", "--overwrite", *refusal)
+    result = project.refused(*QUICK, "--max_steps", "3", "--out_dir", "REPLACED", "--overwrite", *refusal)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert folder_contents(project.path / "REPLACED") == before
 
@@ -110,14 +110,14 @@ def test_a_run_file_that_is_a_symbolic_link_is_refused_not_followed(project, tmp
     target.write_text("not the run's\n")
     (project.path / "LINKED" / name).unlink(missing_ok=True)
     (project.path / "LINKED" / name).symlink_to(target)
-    result = project.run("--resume", "LINKED", "--max_steps", "6")
+    result = project.refused("--resume", "LINKED", "--max_steps", "6")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"LINKED/{name} is a symbolic link; a run folder's files must be its own" in last_line(result.stderr)
     assert target.read_text() == "not the run's\n"
 
 
 def test_a_seed_beyond_64_bits_is_a_flag_error(project):
-    result = project.run(*QUICK, "--seed", str(2**64), "--out_dir", "SEED")
+    result = project.refused(*QUICK, "--seed", str(2**64), "--out_dir", "SEED")
     assert result.returncode == 2 and "argument --seed: 18446744073709551616 is out of range" in last_line(
         result.stderr
     )

@@ -33,7 +33,7 @@ def args_of(session) -> dict:
 def test_a_new_run_never_overwrites_a_run_folder(project):
     assert project.run(*QUICK, "--max_steps", "2", "--out_dir", "RUN").returncode == 0
     saved = (project.path / "RUN" / "ckpt.pt").read_bytes()
-    again = project.run(*QUICK, "--max_steps", "2", "--out_dir", "RUN")
+    again = project.refused(*QUICK, "--max_steps", "2", "--out_dir", "RUN")
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert "already holds a run" in last_line(again.stderr) and "--resume RUN" in last_line(again.stderr)
     assert (project.path / "RUN" / "ckpt.pt").read_bytes() == saved
@@ -155,7 +155,7 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_a_file(project):
 def test_a_checkpoint_of_another_program_is_a_user_error(project):
     (project.path / "OTHER").mkdir()
     torch.save({"state_dict": {}}, project.path / "OTHER" / "ckpt.pt")
-    result = project.run("--resume", "OTHER")
+    result = project.refused("--resume", "OTHER")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "not a checkpoint of this program" in last_line(result.stderr)
 
@@ -186,14 +186,14 @@ def test_sigterm_while_preparing_data_is_exit_130_and_one_line(project):
 
 @pytest.mark.parametrize("typed", [["--lr", "100"], ["--drop", "0.3"]])
 def test_flags_are_never_abbreviated(project, typed):
-    result = project.run(*QUICK, *typed, "--max_steps", "2")
+    result = project.refused(*QUICK, *typed, "--max_steps", "2")
     assert result.returncode == 2 and "unrecognized arguments" in last_line(result.stderr)
 
 
 def test_resume_on_other_data_needs_new_data(project):
     (project.path / "other.txt").write_bytes(TRAIN_SAMPLE.read_bytes()[400_000:800_000])
     assert project.run(*QUICK, "--max_steps", "2", "--out_dir", "RUN").returncode == 0
-    refused = project.run("--resume", "RUN", "--data", "other.txt", "--max_steps", "4")
+    refused = project.refused("--resume", "RUN", "--data", "other.txt", "--max_steps", "4")
     assert refused.returncode == 2 and "--new_data" in last_line(refused.stderr)
     assert torch.load(project.path / "RUN" / "ckpt.pt", weights_only=False)["args"]["data"] == "stories.txt"
     allowed = project.run("--resume", "RUN", "--data", "other.txt", "--new_data", "--max_steps", "4")
@@ -221,10 +221,10 @@ def test_warmup_is_at_most_a_tenth_of_a_short_run(project):
 
 
 def test_impossible_sizes_are_refused_up_front(project):
-    result = project.run(*QUICK, "--batch_size", "100000000", "--max_steps", "2")
+    result = project.refused(*QUICK, "--batch_size", "100000000", "--max_steps", "2")
     assert result.returncode == 2 and "--batch_size 100000000" in last_line(result.stderr)
     assert "GiB" in last_line(result.stderr)
-    result = project.run(*QUICK, "--block_size", "100000", "--max_steps", "2")
+    result = project.refused(*QUICK, "--block_size", "100000", "--max_steps", "2")
     assert result.returncode == 2 and "fewer than one training window" in last_line(result.stderr)
 
 

@@ -99,7 +99,7 @@ def test_resume_trains_with_changed_optimizer_flags_and_refuses_another_optimize
     muon = next(g for g in groups if g["use_muon"])
     assert muon["initial_lr"] == 0.005 and 0 < muon["lr"] <= 0.005
     assert all(g["betas"] == (0.9, 0.9) for g in groups)
-    refused = project.run("--resume", "RUN", "--max_steps", "12", "--optimizer", "adamw")
+    refused = project.refused("--resume", "RUN", "--max_steps", "12", "--optimizer", "adamw")
     assert refused.returncode == 2 and "--optimizer cannot change" in refused.stderr.strip().splitlines()[-1]
 
 
