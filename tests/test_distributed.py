@@ -128,7 +128,7 @@ def test_diverging_loss_stops_every_rank(project):
 
 
 def test_queue_without_a_server_is_a_usage_error(project):
-    result = project.run(*QUICK, "--queue", "gpus", "--out_dir", "RUN", timeout=60)
+    result = project.refused(*QUICK, "--queue", "gpus", "--out_dir", "RUN")
     assert result.returncode == 2
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.endswith("error: --queue gpus needs a ClearML server: run clearml-init or set CLEARML_API_HOST")

@@ -624,7 +624,7 @@ print(json.dumps(dict(measured=rss("VmHWM") - before, estimate=estimate)))
 
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures the peak RSS as Linux reports it")
-@pytest.mark.parametrize("shape", [(2, 128, 128, 16), (6, 256, 128, 8)], ids=["cpu recipe", "6 layers"])
+@pytest.mark.parametrize("shape", [(2, 128, 128, 16), (6, 256, 128, 8)], ids=["recipe shape", "6 layers"])
 def test_training_memory_is_near_a_measured_first_step(shape):
     """In fp32 and bf16: the estimate, weights left out as they are already in memory, within a factor of 1.3 of
     the peak memory growth of a first training step, measured in a fresh process (measured 0.89-1.06; the
