@@ -5,6 +5,7 @@ out of memory, a fault injected into the model's forward for an unexpected error
 """
 
 import json
+import re
 import resource
 import shutil
 import signal
@@ -235,11 +236,20 @@ def test_eval_only_scores_a_whole_file_with_progress(project):
     for split in ("val", "all"):
         result = project.run("--eval_only", "--resume", "RUN", "--data", "held-out.txt", "--eval_split", split)
         assert result.returncode == 0, result.stderr[-2000:]
-        assert "evaluating" in result.stderr
+        bars = re.findall(r"evaluating: +\d+%\|[^|]*\| (\d+)/(\d+)", result.stderr)
+        assert bars and bars[-1][0] == bars[-1][1]  # the bar ends at its total
         scores[split] = result.stdout.strip().splitlines()[-1]
     assert scores["val"] != scores["all"] and all(s.startswith("val_loss=") for s in scores.values())
     record = json.dumps(torch.load(project.path / "RUN" / "ckpt.pt", weights_only=False)["args"])
-    assert "held-out.txt" not in record  # evaluating never rewrites the run
+    assert "held-out.txt" not in record  # evaluating never rewrites the run's configuration
+    # Each score is recorded in the run's own record and in a ClearML task of its own (offline: a new session).
+    events = [json.loads(line) for line in (project.path / "RUN" / "metrics.jsonl").read_text().splitlines()]
+    recorded = [e for e in events if e["event"] == "eval_only"]
+    assert [(e["split"], e["step"]) for e in recorded] == [("val", 5), ("all", 5)]
+    assert f"val_loss={recorded[1]['loss']:.6f} val_bpb={recorded[1]['bpb']:.6f}" == scores["all"]
+    _, *scored = project.sessions()
+    pairs = zip(scored, ("val", "all"), strict=True)
+    assert [sorted(session.scalars(f"held-out.txt {split}", "bpb")) for session, split in pairs] == [[5], [5]]
 
 
 def test_two_ctrl_c_during_the_final_sample_still_close_the_task(project):
