@@ -72,3 +72,15 @@ def test_a_resumed_run_differs_from_its_first_part_only_in_what_was_typed(runs):
     assert differing == {"max_steps", "resume"}  # typed, and the invocation's own
     first_args = {name: entry["value"] for name, entry in first.task["hyperparams"]["Args"].items()}
     assert first_args == as_text(header)
+
+
+def test_resuming_a_completed_run_says_there_is_nothing_to_do_and_writes_nothing(runs):
+    project, _, _ = runs
+    before = {p.name: p.read_bytes() for p in (project.path / "FRESH").iterdir() if p.name != ".lock"}
+    sessions = len(project.sessions())
+    result = project.refused("--resume", "FRESH")
+    assert (
+        result.returncode == 0 and "has trained its 12 steps: nothing to do" in result.stderr.strip().splitlines()[-1]
+    )
+    assert {p.name: p.read_bytes() for p in (project.path / "FRESH").iterdir() if p.name != ".lock"} == before
+    assert len(project.sessions()) == sessions
