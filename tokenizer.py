@@ -12,8 +12,10 @@ Design choices:
   only in the words that hold the merged pair; a heap with lazy deletion finds the next best pair. Ties go to
   the smallest pair of ids, so training is deterministic.
 - Encoding caches each distinct piece's ids: 2 MB of TinyStories has about 23,000 distinct pieces, so encoding
-  is mostly `str.split` and dictionary look-ups done in C (`map`, `chain`). Large inputs use all cores: a pool
-  of worker processes that ignore Ctrl+C (the main process stops them), so an interrupt prints no worker traceback.
+  is mostly `str.split` and dictionary look-ups done in C (`map`, `chain`). Large inputs use all cores: worker
+  processes that ignore Ctrl+C (the main process kills them), so an interrupt prints no worker traceback. Each
+  worker has a pipe of its own and one text at a time, with no lock shared between processes: multiprocessing.Pool
+  shares its queues' locks, and a worker killed while sending its result left one held, so `terminate()` hung.
 - The JSON file holds the merges; the fingerprint is a digest of everything that decides the ids.
 """
 
@@ -21,6 +23,7 @@ import hashlib
 import heapq
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import signal
@@ -52,7 +55,7 @@ class Tokenizer:
             self.token_bytes.append(self.token_bytes[a] + self.token_bytes[b])
         self.special_ids = {s: len(self.token_bytes) + i for i, s in enumerate(self.SPECIAL_TOKENS)}
         self.pattern = re.compile(SPLIT_PATTERN)
-        self.pool = None
+        self.workers = None
         self._reset_cache()
 
     @property
@@ -157,18 +160,17 @@ class Tokenizer:
 
     def encode_many(self, texts: list[str]) -> list[np.ndarray]:
         """[encode_array(t) for t in texts], over all cores when the input is large."""
-        workers = min(len(texts), os.cpu_count() or 1)
-        if workers < 2 or sum(map(len, texts)) < PARALLEL_MIN_CHARS:
+        count = min(len(texts), os.cpu_count() or 1)
+        if count < 2 or sum(map(len, texts)) < PARALLEL_MIN_CHARS:
             return [self.encode_array(t) for t in texts]
-        if self.pool is None:  # kept for later calls, so the workers' caches stay warm
-            context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-            self.pool = context.Pool(workers, initializer=_init_worker, initargs=(self.merges,))
-            weakref.finalize(self, self.pool.terminate)
+        if self.workers is None:  # kept for later calls, so the workers' caches stay warm
+            self.workers = Workers(self.merges, count)
+            weakref.finalize(self, self.workers.kill)
         try:
-            return self.pool.map(_encode_in_worker, texts, chunksize=1)
+            return self.workers.encode(texts)
         except BaseException:  # Ctrl+C included: stop the workers now, not when the program exits
-            self.pool.terminate()
-            self.pool = None
+            self.workers.kill()
+            self.workers = None
             raise
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -273,17 +275,59 @@ def merge_pairs(words: list[list[int]], freqs: list[int], n_merges: int) -> list
     return merges
 
 
-_worker_tokenizer: Tokenizer | None = None
+class Workers:
+    """Processes that encode texts for Tokenizer.encode_many, one text at a time each, over a pipe of their own."""
+
+    def __init__(self, merges: list[tuple[int, int]], count: int):
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        self.processes, self.pipes = [], []
+        for _ in range(count):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_serve, args=(theirs, merges), daemon=True)
+            process.start()
+            theirs.close()
+            self.processes.append(process)
+            self.pipes.append(ours)
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """The ids of each text, in order; each worker gets the next text as soon as it has sent its last."""
+        results, todo, busy = [None] * len(texts), iter(enumerate(texts)), {}
+        for pipe in self.pipes:
+            self._give_next(pipe, todo, busy)
+        while busy:
+            for pipe in multiprocessing.connection.wait(list(busy)):
+                try:
+                    results[busy.pop(pipe)] = pipe.recv()
+                except EOFError:
+                    raise RuntimeError("a tokenizer worker process ended while encoding") from None
+                self._give_next(pipe, todo, busy)
+        return results
+
+    @staticmethod
+    def _give_next(pipe, todo, busy: dict) -> None:
+        index, text = next(todo, (None, None))
+        if text is not None:
+            pipe.send(text)
+            busy[pipe] = index
+
+    def kill(self) -> None:
+        for process in self.processes:
+            process.kill()
+        for process in self.processes:
+            process.join()
+        for pipe in self.pipes:
+            pipe.close()
 
 
-def _init_worker(merges: list[tuple[int, int]]) -> None:
-    # Ctrl+C reaches the whole process group; the main process handles it and terminates the pool (by SIGTERM,
-    # which must kill a worker even where the parent had its own handler when it forked).
+def _serve(pipe, merges: list[tuple[int, int]]) -> None:
+    # Ctrl+C reaches the whole process group; the main process handles it and kills the workers. SIGTERM must end a
+    # worker even where the parent had its own handler when it forked.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(merges)
-
-
-def _encode_in_worker(text: str) -> np.ndarray:
-    return _worker_tokenizer.encode_array(text)
+    tokenizer = Tokenizer(merges)
+    while True:
+        try:
+            text = pipe.recv()
+        except EOFError:  # the main process closed its end
+            return
+        pipe.send(tokenizer.encode_array(text))
