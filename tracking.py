@@ -87,6 +87,7 @@ SAMPLE_TITLE = "Generated Sample"
 SAMPLE_TABLE_ROWS = 500  # the table is sent whole at each evaluation; the latest rows are the ones worth the bytes
 SOURCE_DIR = Path(__file__).resolve().parent
 REPRODUCE = "reproduce"  # the name of the task's configuration object with run.json's "reproduce" section
+IMPORT_NAME, EXTENDED_ARG = dis.opmap["IMPORT_NAME"], dis.opmap["EXTENDED_ARG"]  # opcodes read by imported_names
 PATCH = "code.patch"  # the patch of a run's uncommitted changes, in its folder and as the task's artifact
 
 
@@ -180,11 +181,17 @@ def clean_sample(text: str) -> str:
 
 def imported_names(code: types.CodeType) -> set[str]:
     """Top-level names of the modules a module's code imports, wherever the import statement is: read from its
-    compiled code (the cached bytecode), which is exact and far quicker than parsing the source again."""
+    compiled code (the cached bytecode), which is exact and far quicker than parsing the source again. The code is
+    read as 2-byte units, opcode then argument (EXTENDED_ARG units carry an argument's high bytes): ten times
+    quicker than `dis.get_instructions`, which costs a tenth of a second per run."""
     names, codes = set(), [code]
     while codes:
         code = codes.pop()
-        names.update(i.argval.split(".")[0] for i in dis.get_instructions(code) if i.opname == "IMPORT_NAME")
+        raw, high = code.co_code, 0
+        for i in range(0, len(raw), 2):
+            if raw[i] == IMPORT_NAME:
+                names.add(code.co_names[high | raw[i + 1]].split(".")[0])
+            high = (high | raw[i + 1]) << 8 if raw[i] == EXTENDED_ARG else 0
         codes += [const for const in code.co_consts if isinstance(const, types.CodeType)]
     return names - {""}  # a relative import names no top-level module
 

@@ -5,6 +5,7 @@ cleaned of them. Two scripts run ClearML's own calls in a child process with the
 of a continued task, and the debug-sample files of 105 evaluations.
 """
 
+import dis
 import json
 import os
 import shutil
@@ -139,6 +140,18 @@ def test_requirements_are_what_the_program_imports_with_versions(runs):
     assert RUNTIME_PACKAGES <= pinned.keys()
     assert all(pinned[name] == version(name) for name in pinned)
     assert not pinned.keys() & {"pytest", "tiktoken", "jsonschema", "ruff"}  # imported by the checkout's tests only
+
+
+@pytest.mark.timeout(10)
+def test_imported_names_are_read_from_the_bytecode_as_dis_reads_them():
+    """Imports at module level, in functions and classes, relative ones, and one past 256 names, whose index needs
+    an EXTENDED_ARG."""
+    many = "\n".join(f"v{i} = x.a{i}" for i in range(300))
+    source = f"import os.path\n{many}\nfrom . import sibling\ndef f():\n    import json as j\n"
+    source += "class C:\n    import numpy\nimport torch.nn.functional\n"
+    code = compile(source, "m.py", "exec")
+    assert max(i.arg for i in dis.get_instructions(code) if i.opname == "IMPORT_NAME") > 255
+    assert tracking.imported_names(code) == {"os", "json", "numpy", "torch"}
 
 
 def test_connected_flags_drive_the_run(runs):
