@@ -37,7 +37,7 @@ def gpu_sh(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 @pytest.mark.timeout(300)
 def test_dry_run_runs_every_phase_and_prints_one_line_of_figures(tmp_path):
-    result = gpu_sh("--out", str(tmp_path))
+    result = gpu_sh("--out", str(tmp_path), "--train_seconds", "1")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 1, result.stdout
@@ -47,7 +47,7 @@ def test_dry_run_runs_every_phase_and_prints_one_line_of_figures(tmp_path):
     profiled = r"[\d.]+ ms/step, no GPU events, attention aten::_scaled_dot_product_flash_attention_for_cpu"
     assert re.fullmatch(
         rf"gpu-check cpu: CPU \(dry run: the figures mean nothing\), torch \S+, \d+ s of 240 \| tests [1-9]\d* passed"
-        rf" \| default {shape} \| gpt2-124M {shape} \| 2 s training: held-in {bpb}, held-out {bpb}, best val bpb "
+        rf" \| default {shape} \| gpt2-124M {shape} \| 1 s training: held-in {bpb}, held-out {bpb}, best val bpb "
         rf"during the runs \d\.\d{{3}}/\d\.\d{{3}}, trained \S+ s, [\d.]+ (of one pass|passes) over [\d.]+ M tokens"
         rf"( \(a small text repeated: overfitting counts\))? \| profile ours {profiled}; "
         rf"baseline {profiled} \| training recompiles/graph breaks: ours \d+/\d+, baseline \d+/\d+ \| "

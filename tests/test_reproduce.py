@@ -165,7 +165,7 @@ def test_a_run_on_a_time_budget_reproduces_with_the_steps_it_trained(tmp_path):
 @pytest.mark.timeout(180)
 def test_a_run_stopped_and_resumed_reproduces_as_one_run(tmp_path):
     project = make_stories_project(tmp_path)
-    first = project.start(*QUICK, "--max_steps", "30", "--out_dir", "STOPPED")
+    first = project.start(*QUICK, "--dropout", "0.1", "--max_steps", "30", "--out_dir", "STOPPED")
     wait_for_line(first.stdout, "step 10:", timeout=90)
     first.send_signal(signal.SIGINT)
     assert first.wait(timeout=60) == 130

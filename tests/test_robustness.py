@@ -23,11 +23,10 @@ def finish(process: subprocess.Popen, timeout: float = 30) -> tuple[int, str, st
     return process.returncode, stdout, stderr, time.monotonic() - started
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_after_first_eval_saves_checkpoint_and_aborts_task(project, signum):
+def test_ctrl_c_after_first_eval_saves_checkpoint_and_aborts_task(project):
     process = project.start(*QUICK, "--max_steps", "100000", "--out_dir", "RUN")
     wait_for_line(process.stdout, "step 0:", timeout=60)
-    process.send_signal(signum)
+    process.send_signal(signal.SIGINT)
     code, _, stderr, seconds = finish(process)
     assert code == 130 and seconds < 15
     assert "Traceback" not in stderr
@@ -38,16 +37,19 @@ def test_signal_after_first_eval_saves_checkpoint_and_aborts_task(project, signu
     assert "aborted" in session.task["tags"]
 
 
-def test_resume_continues_after_the_saved_step(project):
+def test_sigterm_saves_and_resume_continues_after_the_saved_step(project):
     process = project.start(*QUICK, "--max_steps", "100000", "--out_dir", "RUN")
     wait_for_line(process.stdout, "step 0:", timeout=60)
-    process.send_signal(signal.SIGINT)
-    assert finish(process)[0] == 130
+    process.send_signal(signal.SIGTERM)
+    code, _, stderr, seconds = finish(process)
+    assert code == 130 and seconds < 15 and "Traceback" not in stderr
     saved_step = torch.load(project.path / "RUN" / "ckpt.pt", weights_only=False)["step"]
+    assert f"interrupted at step {saved_step};" in stderr and "checkpoint saved to RUN/ckpt.pt" in stderr
 
-    result = project.run("--resume", "RUN", "--max_seconds", "1")
+    result = project.run("--resume", "RUN", "--max_steps", str(saved_step + 12))
     assert result.returncode == 0, result.stderr[-2000:]
     first, resumed = project.sessions()
+    assert "aborted" in first.task["tags"] and "aborted" not in resumed.task["tags"]
     steps = sorted(resumed.scalars("Loss", "val"))
     assert steps and steps[0] > saved_step
     assert min(resumed.scalars("Train step", "loss")) == saved_step + 1
@@ -68,26 +70,11 @@ def test_second_ctrl_c_quits_at_once(project):
     assert "checkpoint saved" not in stderr and "Traceback" not in stderr
 
 
-def test_resume_equals_uninterrupted(project):
-    """N steps, then resume for M more, gives the same losses as N + M steps in one go (dropout on)."""
-    flags = [*QUICK, "--dropout", "0.1", "--warmup_steps", "5"]
-    assert project.run(*flags, "--max_steps", "12", "--lr_decay_steps", "24", "--out_dir", "A").returncode == 0
-    assert project.run("--resume", "A", "--max_steps", "24").returncode == 0
-    assert project.run(*flags, "--max_steps", "24", "--out_dir", "B").returncode == 0
-    first, resumed, straight = project.sessions()
-    pieced = {**first.scalars("Train step", "loss"), **resumed.scalars("Train step", "loss")}
-    assert pieced == straight.scalars("Train step", "loss")
-    assert resumed.scalars("Loss", "val")[24] == straight.scalars("Loss", "val")[24]
-    a = torch.load(project.path / "A" / "ckpt.pt", weights_only=False)["model"]
-    b = torch.load(project.path / "B" / "ckpt.pt", weights_only=False)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_kill_9_keeps_the_last_checkpoint_whole(project):
     """Checkpointing at every step, SIGKILL lands during or between writes; what is on disk always loads."""
     checkpoint_path = project.path / "RUN" / "ckpt.pt"
     flags = [*QUICK, "--max_steps", "100000", "--checkpoint_interval", "1", "--out_dir", "RUN"]
-    for delay in (0.0, 0.35, 0.8):  # each run is killed once it has written a checkpoint of its own
+    for delay in (0.0, 0.5):  # each run is killed once it has written a checkpoint of its own
         before = checkpoint_path.stat().st_mtime_ns if checkpoint_path.exists() else 0
         process = project.start(*flags) if before == 0 else project.start("--resume", "RUN")
         deadline = time.monotonic() + 60

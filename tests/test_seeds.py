@@ -20,8 +20,8 @@ def project(tmp_path):
 
 @pytest.mark.timeout(240)
 def test_ctrl_c_during_the_second_seed_stops_the_group_and_resume_continues_it(project):
-    # Each seed trains for a second: the first one finishes, the second is stopped while it trains.
-    group = project.start(*QUICK, "--max_seconds", "1", "--seeds", "11", "12", "13", "--out_dir", "G")
+    # Each seed trains for a second or two: the first one finishes, the second is stopped while it trains.
+    group = project.start(*QUICK, "--max_steps", "40", "--seeds", "11", "12", "13", "--out_dir", "G")
     wait_for_line(group.stdout, "run folder G/seed-12", timeout=120)  # the first seed is done, the second starts
     wait_for_line(group.stdout, "step 0:", timeout=60)
     group.send_signal(signal.SIGINT)
