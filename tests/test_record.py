@@ -1,5 +1,6 @@
 """The record is what ran: run.json, the checkpoint's flags and ClearML's Args hold the same final configuration, for
-a fresh run, a --max_seconds run and a resumed run (tests/test_state.py covers a torchrun run).
+a fresh run, a --max_seconds run (which reproduces with the steps it trained) and a resumed run (tests/test_state.py
+covers a torchrun run).
 
 Training data is a slice of the TinyStories train sample in tests/data (see SOURCES.md there).
 """
@@ -13,7 +14,7 @@ from runner import QUICK, make_stories_project
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    project = make_stories_project(tmp_path_factory.mktemp("record"))
+    project, printed = make_stories_project(tmp_path_factory.mktemp("record")), {}
     for flags in (
         ["--max_steps", "12", "--out_dir", "FRESH"],
         ["--max_steps", "100000", "--max_seconds", "1", "--out_dir", "TIMED"],
@@ -21,10 +22,11 @@ def runs(tmp_path_factory):
     ):
         result = project.run(*QUICK, *flags)
         assert result.returncode == 0, result.stderr[-2000:]
+        printed[flags[-1]] = result.stdout
     result = project.run("--resume", "RESUMED", "--max_steps", "12")
     assert result.returncode == 0, result.stderr[-2000:]
     fresh, timed, first, resumed = project.sessions()
-    return project, {"FRESH": fresh, "TIMED": timed, "RESUMED": resumed}, first
+    return project, {"FRESH": fresh, "TIMED": timed, "RESUMED": resumed}, first, printed
 
 
 def recorded_flags(project, folder: str) -> dict:
@@ -46,7 +48,7 @@ def as_text(flags: dict) -> dict:
 
 @pytest.mark.parametrize("folder", ["FRESH", "TIMED", "RESUMED"])
 def test_run_json_checkpoint_and_args_hold_one_configuration(runs, folder):
-    project, sessions, _ = runs
+    project, sessions, _, _ = runs
     recorded = recorded_flags(project, folder)
     saved = torch.load(project.path / folder / "ckpt.pt", weights_only=True)["args"]
     args = {name: entry["value"] for name, entry in sessions[folder].task["hyperparams"]["Args"].items()}
@@ -56,7 +58,7 @@ def test_run_json_checkpoint_and_args_hold_one_configuration(runs, folder):
 
 
 def test_a_max_seconds_run_records_the_steps_it_trained(runs):
-    project, sessions, _ = runs
+    project, sessions, _, _ = runs
     recorded = recorded_flags(project, "TIMED")
     trained = torch.load(project.path / "TIMED" / "ckpt.pt", weights_only=True)["step"]
     assert recorded["max_steps"] == trained < 100000
@@ -64,8 +66,19 @@ def test_a_max_seconds_run_records_the_steps_it_trained(runs):
     assert sessions["TIMED"].task["hyperparams"]["Args"]["max_steps"]["value"] == str(trained)
 
 
+def test_a_max_seconds_run_says_and_reproduces_the_steps_it_trained(runs):
+    project, _, _, printed = runs
+    trained = torch.load(project.path / "TIMED" / "ckpt.pt", weights_only=True)["step"]
+    assert f"--max_steps {trained}" in printed["TIMED"]  # "recorded: rerun with it"
+    result = project.run("--reproduce", "TIMED")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("reproduced exactly: ")
+    lines = (project.path / "TIMED.reproduction" / "metrics.jsonl").read_text().splitlines()
+    assert [e["step"] for e in map(json.loads, lines) if e["event"] == "eval"][-1] == trained
+
+
 def test_a_resumed_run_differs_from_its_first_part_only_in_what_was_typed(runs):
-    project, _, first = runs
+    project, _, first, _ = runs
     header = json.loads((project.path / "RESUMED" / "run.json").read_text())["flags"]
     resumed = recorded_flags(project, "RESUMED")
     differing = {name for name in header if header[name] != resumed[name]}
@@ -75,7 +88,7 @@ def test_a_resumed_run_differs_from_its_first_part_only_in_what_was_typed(runs):
 
 
 def test_resuming_a_completed_run_says_there_is_nothing_to_do_and_writes_nothing(runs):
-    project, _, _ = runs
+    project, _, _, _ = runs
     before = {p.name: p.read_bytes() for p in (project.path / "FRESH").iterdir() if p.name != ".lock"}
     sessions = len(project.sessions())
     result = project.refused("--resume", "FRESH")

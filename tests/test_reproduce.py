@@ -149,20 +149,6 @@ def test_code_changed_after_recording_is_named_at_its_first_differing_step(recor
 
 
 @pytest.mark.timeout(180)
-def test_a_run_on_a_time_budget_reproduces_with_the_steps_it_trained(tmp_path):
-    project = make_stories_project(tmp_path)
-    result = project.run(*QUICK, "--max_seconds", "1", "--out_dir", "BUDGET")
-    assert result.returncode == 0, result.stderr[-3000:]
-    trained = evaluations(project.path / "BUDGET")[-1]["step"]
-
-    result = project.run("--reproduce", "BUDGET")
-
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert last_line(result.stdout).startswith("reproduced exactly: ")
-    assert evaluations(project.path / "BUDGET.reproduction")[-1]["step"] == trained
-
-
-@pytest.mark.timeout(180)
 def test_a_run_stopped_and_resumed_reproduces_as_one_run(tmp_path):
     project = make_stories_project(tmp_path)
     first = project.start(*QUICK, "--dropout", "0.1", "--max_steps", "30", "--out_dir", "STOPPED")

@@ -50,7 +50,8 @@ def test_a_second_process_on_a_folder_in_use_is_refused(project):
     first.send_signal(signal.SIGINT)
     assert first.wait(timeout=30) == 130
     assert second.returncode == 2 and "in use by another run" in last_line(second.stderr)
-    resumed = project.run("--resume", "RUN", "--max_steps", "1000000", "--max_seconds", "1")
+    stopped_at = torch.load(project.path / "RUN" / "ckpt.pt", weights_only=True)["step"]
+    resumed = project.run("--resume", "RUN", "--max_steps", str(stopped_at + 3))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
 

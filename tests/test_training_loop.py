@@ -101,15 +101,3 @@ def test_resume_trains_with_changed_optimizer_flags_and_refuses_another_optimize
     assert all(g["betas"] == (0.9, 0.9) for g in groups)
     refused = project.refused("--resume", "RUN", "--max_steps", "12", "--optimizer", "adamw")
     assert refused.returncode == 2 and "--optimizer cannot change" in refused.stderr.strip().splitlines()[-1]
-
-
-def test_max_seconds_becomes_a_recorded_step_count_that_reproduces(project):
-    timed = project.run(*QUICK, "--max_steps", "100000", "--max_seconds", "1", "--out_dir", "TIMED")
-    assert timed.returncode == 0, timed.stderr[-2000:]
-    saved = torch.load(project.path / "TIMED" / "ckpt.pt", weights_only=False)
-    steps = saved["args"]["max_steps"]
-    assert steps < 100000 and saved["step"] == steps and f"--max_steps {steps}" in timed.stdout
-    again = project.run(*QUICK, "--max_steps", str(steps), "--out_dir", "AGAIN")
-    assert again.returncode == 0, again.stderr[-2000:]
-    first, second = project.sessions()
-    assert first.scalars("Train step", "loss") == second.scalars("Train step", "loss")
