@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     stop.install()
     try:
+        typed_now, _ = flags.parse(argv)
+        if typed_now.seeds or seeds.is_group(typed_now.resume):  # before a process group: torchrun is refused
+            return seeds.start(argv)
         distributed.setup()
         return run(argv, stop)
     except UsageError as e:
@@ -93,9 +96,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(argv: list[str], stop: StopFlag) -> int:
-    typed_now, _ = flags.parse(argv)
-    if typed_now.seeds or seeds.is_group(typed_now.resume):
-        return seeds.start(argv)
     cfg, saved, machine, probing = configure(argv)
     if cfg.eval_only:
         return score_only(cfg, saved, machine)
