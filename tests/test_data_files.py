@@ -20,7 +20,7 @@ import pytest
 from http_server import FileServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from runner import ROOT, TRAIN_SAMPLE, VALID_SAMPLE
+from runner import ROOT, STARTED, TRAIN_SAMPLE, VALID_SAMPLE
 
 import data
 from errors import UsageError
@@ -265,8 +265,10 @@ def tokenize_in_child(path: Path, cache: Path, tokenizer_path: Path) -> subproce
         "    print('interrupted', file=sys.stderr)\n"
         "    sys.exit(130)\n"
     )
-    return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # fmt: skip
+    STARTED.append(child)  # killed after the test if it is still running
+    return child
 
 
 def wait_until_tokenizing(child: subprocess.Popen, cache: Path) -> Path:
