@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from machine import describe  # noqa: E402
+from steps import fixed_batch_step  # noqa: E402
 
 import model as current  # noqa: E402
 
@@ -73,13 +74,7 @@ def training_step(module: types.ModuleType):
     optimizer = model.configure_optimizers(0.1, 6e-3, (0.9, 0.95), "cpu", muon_lr=0.04)
     x, y = (torch.randint(0, CPU_SHAPE["vocab_size"], (CPU_BATCH, CPU_SHAPE["block_size"])) for _ in range(2))
 
-    def step():
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = fixed_batch_step(model, optimizer, x, y)
     step()
     return step
 

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from machine import describe  # noqa: E402
+from steps import fixed_batch_step  # noqa: E402
 
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -67,13 +68,7 @@ def make_step(name: str, flags: dict[str, str]):
     batch = (int(flags["batch_size"]), shape["block_size"])
     x, y = (torch.randint(0, shape["vocab_size"], batch) for _ in range(2))
 
-    def step():
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = fixed_batch_step(model, optimizer, x, y)
     step()  # the optimizer's state
     return step
 

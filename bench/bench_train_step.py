@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe  # noqa: E402
+from steps import fixed_batch_step  # noqa: E402
 
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -44,14 +45,7 @@ def make_step(model, args):
     x = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size))
     y = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size))
 
-    def step():
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return fixed_batch_step(model, optimizer, x, y)
 
 
 def floor_step(args):
