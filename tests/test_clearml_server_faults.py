@@ -43,14 +43,13 @@ def test_api_that_hangs_behind_a_ping_is_given_up_within_seconds(project):
     assert (project.path / "HANG" / "ckpt.pt").is_file()
 
 
-@pytest.mark.parametrize("status", [502, 500])
-def test_api_answering_errors_means_offline_with_one_warning(project, status):
-    with ClearMLServer(status) as server:
-        result = project.run(*QUICK, "--out_dir", f"STATUS{status}", **server.env())
+def test_api_answering_errors_means_offline_with_one_warning(project):
+    with ClearMLServer(500) as server:
+        result = project.run(*QUICK, "--out_dir", "STATUS500", **server.env())
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     [warning] = offline_warnings(result.stderr)
-    assert f"ClearML server {server.url} answers HTTP {status} to auth.login" in warning
+    assert f"ClearML server {server.url} answers HTTP 500 to auth.login" in warning
     assert server.paths == ["/auth.login"]
 
 
@@ -63,7 +62,8 @@ def test_reachability_is_an_authenticated_call():
         started = time.monotonic()
         assert "does not answer within" in tracking.server_problem(server.url, ACCESS_KEY, SECRET_KEY)
         assert time.monotonic() - started < tracking.SERVER_TIMEOUT_S + 1
-    with ClearMLServer(502) as server:
+    with ClearMLServer(502) as server:  # a proxy in front of a server that is down
+        assert tracking.server_problem(server.url, ACCESS_KEY, SECRET_KEY) == "answers HTTP 502 to auth.login"
         url = server.url
     assert "does not answer (Connection refused)" == tracking.server_problem(url, ACCESS_KEY, SECRET_KEY)
 

@@ -46,7 +46,7 @@ def test_a_new_run_never_overwrites_a_run_folder(project):
 def test_a_second_process_on_a_folder_in_use_is_refused(project):
     first = project.start(*QUICK, "--max_steps", "100000", "--out_dir", "RUN")
     wait_for_line(first.stdout, "step 0:", timeout=60)
-    second = project.run(*QUICK, "--max_steps", "2", "--out_dir", "RUN", "--overwrite")
+    second = project.refused(*QUICK, "--max_steps", "2", "--out_dir", "RUN", "--overwrite")
     first.send_signal(signal.SIGINT)
     assert first.wait(timeout=30) == 130
     assert second.returncode == 2 and "in use by another run" in last_line(second.stderr)
