@@ -26,13 +26,13 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 import zipfile
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
+import atomic
 from errors import UsageError
 
 CHECKPOINT = "ckpt.pt"
@@ -205,17 +205,7 @@ def save(path: Path, state: dict) -> None:
     free = shutil.disk_usage(path.parent).free
     if needed > free:
         raise OSError(errno.ENOSPC, f"a checkpoint needs about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic.replace(path, lambda f: torch.save(state, f))
 
 
 def load(run_dir: str | Path) -> dict:

@@ -70,6 +70,7 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
 
+import atomic
 from errors import UsageError
 from tokenizer import Tokenizer
 
@@ -238,17 +239,8 @@ def digest(*parts: object) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file, fsync, rename: the file is either the old one or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl+C included: leave no temporary file behind
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """The file is either the old one or the new one, never half (see atomic.py)."""
+    atomic.replace(path, lambda f: f.write(data))
 
 
 def write_json(path: Path, payload: dict) -> None:

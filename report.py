@@ -27,12 +27,12 @@ import html
 import json
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 import arms as arms_module
+import atomic
 from arms import Arm
 from errors import UsageError
 from records import Run
@@ -376,16 +376,6 @@ def write_page(path: Path, text: str, runs: list[Run]) -> None:
         raise ReportError(f"{path} is inside a run folder ({folder}); compare never writes into a run")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        atomic.replace(folder / path.name, lambda f: f.write(text.encode("utf-8", errors="replace")))
     except OSError as e:
-        raise ReportError(f"cannot write {path} ({e.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8", errors="replace"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, folder / path.name)
-    except OSError as e:
-        Path(temporary).unlink(missing_ok=True)
         raise ReportError(f"cannot write {path} ({e.strerror})") from None

@@ -27,7 +27,6 @@ import multiprocessing.connection
 import os
 import re
 import signal
-import tempfile
 import weakref
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -35,6 +34,8 @@ from itertools import chain, pairwise, repeat
 from pathlib import Path
 
 import numpy as np
+
+import atomic
 
 # Words: a contraction, an optional space and letters, digits, or other symbols (underscore included), or spaces.
 SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
@@ -203,16 +204,8 @@ class Tokenizer:
         return cls(merges)
 
     def save(self, path: str | Path) -> None:
-        """Write JSON to a temporary file beside `path`, then rename it into place."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:  # Ctrl+C included: leave no temporary file behind
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write the JSON whole or not at all (see atomic.py)."""
+        atomic.replace(Path(path), lambda f: f.write(self.to_json().encode("utf-8")))
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
