@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import data
 from errors import UsageError
-from model import ARCHS, GPTConfig
+from model import ARCH_DEFAULTS, ARCHS, GPTConfig, arch_default
 from tokenizer import Tokenizer
 
 WARMUP_STEPS, WARMUP_SHARE = 100, 0.1  # default warmup: 100 steps, but never more than this share of the run
@@ -118,12 +118,13 @@ FLAGS = {
         Flag("dropout", 0.0, "dropout rate", FRACTION),
         Flag("bias", False, "biases in linear layers and LayerNorm", action="bool"),
         Flag("zero_init_proj", False, "attention and MLP output projections start at zero, so each block starts as "
-             "the identity", action="bool"),
+             "the identity (default: on with --arch modern)", action="bool"),
         Flag("zero_init_head", False, "the output head starts at zero, so the first prediction is uniform (not with "
              "--arch gpt2, whose head is tied)", action="bool"),
-        Flag("embed_norm", False, "RMSNorm on the token embedding before the first block", action="bool"),
-        Flag("x0_mix", False, "each block's input is a learned mix of the residual stream and the embedding",
-             action="bool"),
+        Flag("embed_norm", False, "RMSNorm on the token embedding before the first block (default: on with --arch "
+             "modern)", action="bool"),
+        Flag("x0_mix", False, "each block's input is a learned mix of the residual stream and the embedding "
+             "(default: on with --arch modern)", action="bool"),
         Flag("value_embeds", 0, "N value-embedding tables mixed into v of the first and last N layers (0: off; at "
              "most n_layer / 2)", COUNT),
         Flag("unet_skips", False, "learned skips from each early block's input to its mirrored late block",
@@ -275,10 +276,18 @@ def value_types() -> dict[str, type]:
     return {flag.name: value_type(flag) for flag in ALL_FLAGS}
 
 
+BOOL_FLAGS = [flag.name for flag in ALL_FLAGS if flag.action == "bool"]
+
+
 def parse(argv: list[str]) -> tuple[Config, dict]:
     """The configuration as typed (defaults for the rest), and the flags typed; argparse exits 2 on a bad value."""
     parser = build_parser()
-    return Config(**vars(parser.parse_args(argv))), typed_flags(parser, argv)
+    values, typed = vars(parser.parse_args(argv)), typed_flags(parser, argv)
+    # Under clearml-agent, ClearML's argparse binding gives a --x/--no-x flag that the task holds True as [True].
+    values |= {name: values[name][0] for name in BOOL_FLAGS if isinstance(values[name], list) and values[name]}
+    # The techniques that follow --arch, unless typed.
+    values |= {name: arch_default(values["arch"], name) for name in ARCH_DEFAULTS["modern"] if name not in typed}
+    return Config(**values), typed
 
 
 def for_resume(typed_now: Config, typed: dict, saved: dict) -> Config:

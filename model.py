@@ -18,12 +18,14 @@ Design choices:
   Elsewhere, and under torch.compile, the plain ops run, which GPU kernels and torch.compile fuse better than an
   autograd Function (whose backward, reusing the softmax in place, dynamo could not trace as one graph anyway).
 - Residual projections start small (std scaled by 1/sqrt(2 * n_layer)), as in GPT-2.
-- The techniques of the modded-nanogpt speedrun and nanochat are GPTConfig fields, each off by default, so each is a
-  hypothesis one flag switches: zero-initialised output projections and head, RMSNorm after the embedding, an x0
-  mix into every block's input, value embeddings mixed into v, U-net skips, logit soft-capping; and per-role
-  learning rates in `configure_optimizers`. With all of them off the model, its initial weights and its
-  optimizer are exactly the plain ones: a technique's parameters are made after every plain one, so the random
-  draws of the plain weights do not move.
+- The techniques of the modded-nanogpt speedrun and nanochat are GPTConfig fields, so each is a hypothesis one flag
+  switches: zero-initialised output projections and head, RMSNorm after the embedding, an x0 mix into every block's
+  input, value embeddings mixed into v, U-net skips, logit soft-capping; and per-role learning rates in
+  `configure_optimizers`. Three are on by default with `arch="modern"` (ARCH_DEFAULTS: together they lowered the
+  CPU recipe's held-out loss beyond its seed noise at no cost per step, BENCHMARKS.md section 9); the rest are off,
+  and `arch="gpt2"` has none. With all of them off the model, its initial weights and its optimizer are exactly
+  the plain ones: a technique's parameters are made after every plain one, so the random draws of the plain
+  weights do not move.
 - `configure_optimizers` gives AdamW, or Muon (orthogonalized momentum) for the hidden matrices with AdamW for
   the rest, which reaches a lower loss in the same number of steps for small GPTs. Muon works as nanochat and
   modded-nanogpt do: the matrices of one shape (q, k and v as three) are stacked and orthogonalized together by
@@ -44,6 +46,12 @@ import torch.nn.functional as F
 from errors import UsageError
 
 ARCHS = ("modern", "gpt2")
+# The techniques an arch turns on when their field is left None (see the design notes).
+ARCH_DEFAULTS = {"modern": {"zero_init_proj": True, "embed_norm": True, "x0_mix": True}, "gpt2": {}}
+
+
+def arch_default(arch: str, technique: str) -> bool:
+    return ARCH_DEFAULTS.get(arch, {}).get(technique, False)
 
 
 @dataclass
@@ -58,15 +66,18 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False
     arch: str = "modern"
-    zero_init_proj: bool = False  # attention and MLP output projections start at zero: each block starts as identity
+    zero_init_proj: bool | None = None  # attention and MLP output projections start at zero: blocks start as identity
     zero_init_head: bool = False  # the output head starts at zero: the first prediction is uniform
-    embed_norm: bool = False  # RMSNorm on the embedding, before the first block
-    x0_mix: bool = False  # each block's input is a learned mix of the residual stream and the embedding
+    embed_norm: bool | None = None  # RMSNorm on the embedding, before the first block
+    x0_mix: bool | None = None  # each block's input is a learned mix of the residual stream and the embedding
     value_embeds: int = 0  # tables whose lookups are mixed into v of the first and of the last that many layers
     unet_skips: bool = False  # learned skips from the first half's block inputs to the mirrored later blocks
     logit_softcap: float = 0.0  # logits squashed to cap * tanh(logits / cap); 0 is off
 
     def __post_init__(self):
+        for technique in ("zero_init_proj", "embed_norm", "x0_mix"):  # None: as the arch has it
+            if getattr(self, technique) is None:
+                setattr(self, technique, arch_default(self.arch, technique))
         if self.zero_init_head and self.arch == "gpt2":
             raise UsageError("--zero_init_head needs an untied head: --arch gpt2 ties it to the token embedding")
         if not 0 <= 2 * self.value_embeds <= self.n_layer:

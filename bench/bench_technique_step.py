@@ -5,7 +5,8 @@ What each optional model technique costs per training step on this CPU, against 
 
 The shape and rates are the CPU recipe's (bench/cpu-2min.args: 2 layers, 128 wide, block 128, batch 16, vocab 4096,
 Muon). A step is what main.py's loop does per batch: forward with loss, backward, gradient clipping, the optimizer
-step, zero_grad. Each candidate switches one technique on; "plain (again)" is a second plain model, whose ratio
+step, zero_grad. The plain model has --arch modern's default techniques off; each candidate switches one on, one
+is the defaults together (the recipe as it trains now); "plain (again)" is a second plain model, whose ratio
 shows the timing noise. Rounds alternate the candidates, a few steps each, so load from elsewhere on the machine
 hits all of them alike; each reports its best and its median round, each as a ratio to the plain model's. On a
 loaded machine the best rounds are the figure to read.
@@ -30,19 +31,22 @@ sys.path.insert(0, str(ROOT))
 from machine import describe  # noqa: E402
 from steps import fixed_batch_step  # noqa: E402
 
-from model import GPT, GPTConfig  # noqa: E402
+from model import ARCH_DEFAULTS, GPT, GPTConfig  # noqa: E402
 
+PLAIN = {name: False for name in ARCH_DEFAULTS["modern"]}  # --arch modern's default techniques off
+DEFAULTS = "the defaults: embed_norm, x0_mix, zero_init_proj, the recipe's --embedding_lr"
 TECHNIQUES = {
-    "plain": {},
-    "plain (again)": {},
-    "--zero_init_proj": dict(zero_init_proj=True),
-    "--zero_init_head": dict(zero_init_head=True),
-    "--embed_norm": dict(embed_norm=True),
-    "--x0_mix": dict(x0_mix=True),
-    "--value_embeds 1": dict(value_embeds=1),
-    "--unet_skips": dict(unet_skips=True),
-    "--logit_softcap 15": dict(logit_softcap=15.0),
-    "--embedding_lr/--head_lr/--scalar_lr": dict(),  # optimizer options, below
+    "plain": PLAIN,
+    "plain (again)": PLAIN,
+    "--zero_init_proj": {**PLAIN, "zero_init_proj": True},
+    "--zero_init_head": {**PLAIN, "zero_init_head": True},
+    "--embed_norm": {**PLAIN, "embed_norm": True},
+    "--x0_mix": {**PLAIN, "x0_mix": True},
+    "--value_embeds 1": {**PLAIN, "value_embeds": 1},
+    "--unet_skips": {**PLAIN, "unet_skips": True},
+    "--logit_softcap 15": {**PLAIN, "logit_softcap": 15.0},
+    "--embedding_lr/--head_lr/--scalar_lr": PLAIN,  # optimizer options, below
+    DEFAULTS: {},  # GPTConfig's own defaults for --arch modern
     "all of them": dict(
         zero_init_proj=True, zero_init_head=True, embed_norm=True, x0_mix=True, value_embeds=1, unet_skips=True,
         logit_softcap=15.0,
@@ -62,6 +66,8 @@ def make_step(name: str, flags: dict[str, str]):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**shape, **TECHNIQUES[name]))
     rates = SEPARATE_RATES if name.startswith("--embedding_lr") or name == "all of them" else {}
+    if name == DEFAULTS:
+        rates = dict(embedding_lr=float(flags["embedding_lr"]))
     optimizer = model.configure_optimizers(
         0.1, float(flags["learning_rate"]), (0.9, 0.95), "cpu", muon_lr=float(flags["muon_lr"]), **rates
     )

@@ -2,10 +2,11 @@
 Each optional technique switched on alone against the CPU recipe, three seeds each, judged with its seed noise.
 
     python bench/bench_techniques.py [--steps 1200] [--seeds 1 2 3] [--parallel 2] [--only NAME ...]
-    python bench/bench_techniques.py --combine value_embeds embed_norm      # the winners together
+    python bench/bench_techniques.py --combine embed_norm x0_mix zero_init_proj embedding_lr   # together
 
-Every arm is `main.py $(cat bench/cpu-2min.args) FLAG --max_steps 1200 --seeds 1 2 3` on the TinyStories train
-sample of tests/data, one seed group per arm (main.py's --seeds), in --workdir (resumable: a finished group is
+Every arm is `main.py RECIPE FLAG --max_steps 1200 --seeds 1 2 3`, RECIPE being bench/cpu-2min.args as this table
+first measured it (`plain_recipe`: no --embedding_lr, --arch modern's default techniques off), on the TinyStories
+train sample of tests/data, one seed group per arm (main.py's --seeds), in --workdir (resumable: a finished group is
 read again, a stopped one continued). Then:
 - held-in: the arms' Loss/val and BPB at their last evaluation (the train file's own validation split), the
   verdict of compare.py against the recipe's arm (Welch's t-test over the seeds: difference ± its standard error,
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import arms  # noqa: E402
 import compare  # noqa: E402
+from model import ARCH_DEFAULTS  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 TECHNIQUES = {
@@ -48,10 +50,17 @@ TECHNIQUES = {
 }
 
 
+def plain_recipe(recipe: list[str]) -> list[str]:
+    """The recipe as this table first measured it, which its defaults then followed: no separate embedding rate,
+    and --arch modern's default techniques off, so each arm switches one on."""
+    cut = recipe.index("--embedding_lr") if "--embedding_lr" in recipe else len(recipe)
+    return [*recipe[:cut], *recipe[cut + 2 :], *(f"--no-{name}" for name in ARCH_DEFAULTS["modern"])]
+
+
 def arm_command(flags: str, args: argparse.Namespace, folder: Path) -> list[str]:
     if (folder / "group.json").is_file():
         return [sys.executable, str(ROOT / "main.py"), "--resume", str(folder)]
-    recipe = (ROOT / "bench" / "cpu-2min.args").read_text().split()
+    recipe = plain_recipe((ROOT / "bench" / "cpu-2min.args").read_text().split())
     return [
         sys.executable, str(ROOT / "main.py"), "--data", str(DATA / "tinystories-train-sample.txt"), "--device", "cpu",
         "--offline", "--cache_dir", str(args.workdir / "cache"), *recipe, "--max_steps", str(args.steps),

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import model as current_model
 from errors import UsageError
-from model import ARCHS, GPT, GPTConfig, Muon, ReluSquared, cross_entropy, muon_update, orthogonalize
+from model import ARCH_DEFAULTS, ARCHS, GPT, GPTConfig, Muon, ReluSquared, cross_entropy, muon_update, orthogonalize
 
 # Tests taking `device` run on the CPU always, and on CUDA too where there is one (bench/gpu.sh selects those).
 DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
@@ -29,11 +29,26 @@ ALL_TECHNIQUES = dict(
 PLAIN_REVISION = "5aa0291"
 
 
+PLAIN = {name: False for name in ARCH_DEFAULTS["modern"]}  # --arch modern's default techniques off
+
+
 def tiny(arch: str, **overrides) -> GPT:
+    """A small model with every technique off but those in `overrides`."""
     torch.manual_seed(0)
-    shape = dict(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32) | overrides
+    shape = dict(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32) | PLAIN | overrides
     config = GPTConfig(arch=arch, **shape)
     return GPT(config)
+
+
+@pytest.mark.timeout(10)
+def test_modern_has_its_default_techniques_on_and_gpt2_none():
+    assert ARCH_DEFAULTS["modern"] == {"zero_init_proj": True, "embed_norm": True, "x0_mix": True}
+    modern, gpt2 = GPTConfig(arch="modern"), GPTConfig(arch="gpt2")
+    assert all(getattr(modern, name) is True for name in ARCH_DEFAULTS["modern"])
+    assert all(getattr(gpt2, name) is False for name in ARCH_DEFAULTS["modern"])
+    assert GPTConfig(arch="modern", x0_mix=False).x0_mix is False  # a flag given says otherwise
+    model = GPT(GPTConfig(arch="modern", vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    assert all(block.attn.c_proj.weight.abs().max() == 0 for block in model.transformer.h)  # zero_init_proj
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -344,7 +359,8 @@ def test_every_technique_off_is_the_plain_model(arch, muon_lr):
     for module in (plain_model_module(), current_model):
         torch.manual_seed(0)
         shape = dict(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
-        model = module.GPT(module.GPTConfig(**shape, arch=arch, bias=arch == "gpt2"))
+        off = PLAIN if module is current_model else {}  # the old model has no technique to switch off
+        model = module.GPT(module.GPTConfig(**shape, **off, arch=arch, bias=arch == "gpt2"))
         optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=muon_lr)
         initial = {name: t.clone() for name, t in model.state_dict().items()}
         torch.manual_seed(1)
