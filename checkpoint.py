@@ -292,4 +292,5 @@ class Checkpoints:
             return f"no checkpoint was written yet (the first is due at step {first})"
         if self.saved_step == step and self.folder is not None:
             return f"checkpoint saved to {self.path}"
-        return f"the checkpoint of step {self.saved_step} is kept in {self.folder}"
+        where = self.folder if self.folder is not None else "the main process's run folder"  # another rank
+        return f"the checkpoint of step {self.saved_step} is kept in {where}"

@@ -379,8 +379,10 @@ if __name__ == "__main__":
         code = main()
     finally:
         # The process ends here: its objects need no last garbage collection, which takes 0.8 s over the objects
-        # torch._dynamo and sympy leave. Frozen, they are only freed; every run ends that much sooner.
-        gc.freeze()
+        # torch._dynamo and sympy leave. Frozen, they are only freed; every run ends that much sooner. Not under
+        # torchrun: there the collection ends the process group's threads, and without it a rank aborted at exit.
+        if distributed.world_size() == 1:
+            gc.freeze()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: a late signal changes nothing now
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(code)
