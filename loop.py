@@ -230,6 +230,7 @@ def train(run: Run, state: TrainState) -> Outcome:
     if not stopping and state.step != evaluated_at:
         evaluate(run, state, final=True)
     run.checkpoints.save(state)
+    distributed.end_together()
     if stopping:
         return ending.stopped(state.step, run.checkpoints.kept(state.step), run.stop.reason, run.checkpoints.path)
     return ending.completed()
