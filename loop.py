@@ -17,6 +17,7 @@ Design choices:
   evaluation, a second Ctrl+C, weights no longer finite, a failure from outside) into one.
 """
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -144,7 +145,10 @@ def evaluate(run: Run, state: TrainState, final: bool = False) -> None:
             run.tracker.report_scalar(title, series, value, step)
         state.best_val_loss = min(state.best_val_loss, losses["val"])
         tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        sample = ""
+    sample = ""
+    # Under torchrun the main process samples alone: a signal then stops it after the step, by the vote, so the
+    # other processes stop with it instead of finding it gone.
+    with run.stop.allowing_interrupts() if distributed.world_size() == 1 else contextlib.nullcontext():
         if distributed.is_main():
             sample = tracking.clean_sample(generate_sample(state.model, run.splits.tokenizer, cfg, run.device,
                                                            run.autocast))  # fmt: skip
