@@ -75,7 +75,7 @@ class GPTConfig:
     logit_softcap: float = 0.0  # logits squashed to cap * tanh(logits / cap); 0 is off
 
     def __post_init__(self):
-        for technique in ("zero_init_proj", "embed_norm", "x0_mix"):  # None: as the arch has it
+        for technique in ARCH_DEFAULTS["modern"]:  # None: as the arch has it
             if getattr(self, technique) is None:
                 setattr(self, technique, arch_default(self.arch, technique))
         if self.zero_init_head and self.arch == "gpt2":

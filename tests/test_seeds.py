@@ -49,7 +49,9 @@ def test_a_failing_seed_does_not_stop_the_others(project):
     assert json.loads((project.path / "G" / "group.json").read_text())["seeds"] == [1, 2]
 
 
-@pytest.mark.timeout(60)
+# The thread method: broken, the refusal would wait in the process group's rendezvous, in C++, where the signal
+# method cannot end it.
+@pytest.mark.timeout(60, method="thread")
 def test_seeds_under_torchrun_is_refused_in_one_line(project):
     # What torchrun sets for each of its processes; test_distributed.py launches the real torchrun.
     torchrun = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
