@@ -9,12 +9,13 @@ import queue
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+from zygote import ZYGOTE
 
 ROOT = Path(__file__).resolve().parents[1]
 # TinyStories samples kept in the repository; see tests/data/SOURCES.md.
@@ -50,14 +51,15 @@ class Project:
         return env
 
     def run(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "main.py", *args],
-            cwd=self.path,
-            env=self.env(**env),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        """python main.py ARGS in the project, to its end (subprocess.run's capture_output and timeout)."""
+        with self.start(*args, **env) as process:
+            try:
+                stdout, stderr = process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                raise
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
     def refused(self, *args: str, **env: str) -> subprocess.CompletedProcess:
         """main.main(args) in this process, in the project's folder and environment, for a run that is refused
@@ -82,14 +84,11 @@ class Project:
         return subprocess.CompletedProcess(["main.py", *args], code, out.getvalue(), err.getvalue())
 
     def start(self, *args: str, **env: str) -> subprocess.Popen:
-        process = subprocess.Popen(
-            [sys.executable, "main.py", *args],
-            cwd=self.path,
-            env=self.env(**env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+        """python main.py ARGS in the project, with pipes for its output (forked from a zygote, see zygote.py)."""
+        process = ZYGOTE.popen(
+            ["main.py", *args], cwd=self.path, env=self.env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True,
-        )
+        )  # fmt: skip
         STARTED.append(process)  # ended after the test if it is still running (see conftest.py)
         return process
 

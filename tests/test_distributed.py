@@ -192,9 +192,10 @@ import distributed
 distributed.setup()
 try:
     if distributed.rank() == 1:
+        print("rank 1 busy", file=sys.__stdout__, flush=True)
         while not threading.Event().wait(0.1):  # busy elsewhere until Ctrl+C reaches it too (looking for it)
             pass
-    print("waiting", flush=True)
+    print("rank 0 waiting", flush=True)
     distributed.wait_for_all()
 except KeyboardInterrupt:
     print(f"rank {distributed.rank()} interrupted", file=sys.__stdout__, flush=True)
@@ -212,7 +213,9 @@ def main_thread_state(pid: int) -> str:
 @pytest.mark.timeout(120)  # torchrun starts in seconds, but in a minute on a loaded machine
 def test_ctrl_c_ends_a_wait_for_the_other_ranks_at_once(torchrun_script):
     process = torchrun_script(WAITS)
-    wait_for_line(process.stdout, "waiting", timeout=60)
+    # Both ranks inside the try, whichever says so first: rank 1 may leave setup() after rank 0 has.
+    if "rank 0 waiting" not in wait_for_line(process.stdout, "rank 1 busy", timeout=60):
+        wait_for_line(process.stdout, "rank 0 waiting", timeout=60)
     workers = [p for p in psutil.Process(process.pid).children(recursive=True) if p.cmdline()[1:2] == ["-c"]]
     rank_0, rank_1 = sorted(workers, key=lambda p: p.environ()["RANK"])
     deadline = time.monotonic() + 10
