@@ -18,6 +18,7 @@ import psutil
 import pytest
 import torch
 from runner import ROOT, TINY_MODEL, TRAIN_SAMPLE, make_project, wait_for_line
+from zygote import ZYGOTE
 
 QUICK = [
     *TINY_MODEL, "--data", "stories.txt", "--eval_iters", "2", "--sample_tokens", "5", "--warmup_steps", "2",
@@ -35,8 +36,8 @@ def project(tmp_path):
 
 
 def torchrun(project, *args: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    return subprocess.Popen(
+    command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return ZYGOTE.popen(  # the launcher from the zygote; its workers are new interpreters, as a user's are
         [*command, "--no-python", "sh", "-c", WORKER, sys.executable, *args],
         cwd=project.path,
         env=project.env(),
@@ -141,10 +142,10 @@ def torchrun_script(tmp_path):
     launched = []
 
     def start(script: str) -> subprocess.Popen:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        process = subprocess.Popen([*command, "--no-python", sys.executable, "-c", script, str(tmp_path)], cwd=ROOT,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   start_new_session=True)  # fmt: skip
+        command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        process = ZYGOTE.popen([*command, "--no-python", sys.executable, "-c", script, str(tmp_path)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
         launched.append(process)
         return process
 
