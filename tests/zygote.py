@@ -154,8 +154,14 @@ class Zygote:
         with self.lock:
             if self.process is None:
                 self.start()
-            socket.send_fds(self.channel, [json.dumps(request).encode()], fds)
-            return int(self.channel.recv(64))
+            try:
+                socket.send_fds(self.channel, [json.dumps(request).encode()], fds)
+                pid = self.channel.recv(64)
+            except OSError:  # the zygote is gone
+                pid = b""
+            if not pid:
+                raise RuntimeError(f"the zygote ended with exit code {self.process.wait()}: see its stderr above")
+            return int(pid)
 
     def start(self) -> None:
         self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
