@@ -135,26 +135,29 @@ class Run:
 
 
 def evaluate(run: Run, state: TrainState, final: bool = False) -> None:
-    """Losses and a sample at this step, reported and recorded; may ask the loop to stop (early abort)."""
+    """Losses and a sample at this step, reported and recorded; may ask the loop to stop (early abort).
+
+    A signal ends the computing at once; while the results are printed and reported it waits, as during a step,
+    for the next interruptible block: raised inside tqdm or ClearML, it would leave their locks half taken."""
     cfg, step = run.cfg, state.step
     with run.stop.allowing_interrupts():
         losses = estimate_loss(run.eval_model, run.splits, cfg, run.device, run.autocast)
-        bpb = bits_per_byte(losses["val_text"], *run.val_text)
-        for title, series, value in (("Loss", "train", losses["train"]), ("Loss", "val", losses["val"]),
-                                     ("BPB", "val", bpb)):  # fmt: skip
-            run.tracker.report_scalar(title, series, value, step)
-        state.best_val_loss = min(state.best_val_loss, losses["val"])
-        tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    bpb = bits_per_byte(losses["val_text"], *run.val_text)
+    for title, series, value in (("Loss", "train", losses["train"]), ("Loss", "val", losses["val"]),
+                                 ("BPB", "val", bpb)):  # fmt: skip
+        run.tracker.report_scalar(title, series, value, step)
+    state.best_val_loss = min(state.best_val_loss, losses["val"])
+    tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     sample = ""
-    # Under torchrun the main process samples alone: a signal then stops it after the step, by the vote, so the
-    # other processes stop with it instead of finding it gone.
-    with run.stop.allowing_interrupts() if distributed.world_size() == 1 else contextlib.nullcontext():
-        if distributed.is_main():
+    if distributed.is_main():
+        # Under torchrun the main process samples alone: a signal then stops it after the step, by the vote, so
+        # the other processes stop with it instead of finding it gone.
+        with run.stop.allowing_interrupts() if distributed.world_size() == 1 else contextlib.nullcontext():
             sample = tracking.clean_sample(generate_sample(state.model, run.splits.tokenizer, cfg, run.device,
                                                            run.autocast))  # fmt: skip
-            tqdm.write(f"--- Generated Sample (step {step}) ---\n{sample}\n---")
-            state.samples.append([step, f"{losses['val']:.4f}", sample])
-            run.tracker.report_sample(sample, step, state.samples)
+        tqdm.write(f"--- Generated Sample (step {step}) ---\n{sample}\n---")
+        state.samples.append([step, f"{losses['val']:.4f}", sample])
+        run.tracker.report_sample(sample, step, state.samples)
     run.record.evaluation(step, step * run.tokens_per_step, losses["train"], losses["val"], bpb,
                           learning_rate(step, cfg), run.throughput.latest, sample)  # fmt: skip
     if run.early_abort and not final and not run.stop.requested:

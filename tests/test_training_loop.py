@@ -2,6 +2,8 @@
 
 import contextlib
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -10,12 +12,16 @@ from runner import TINY_MODEL, TRAIN_SAMPLE, make_project
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
+import devices
+import ending
 import loop
 import main
 from evaluation import bits_per_byte, text_only
 from flags import configuration
 from model import GPT, GPTConfig
+from state import TrainState
 from tokenizer import Tokenizer
+from tracking import NoTracker
 
 # Ops that make the host wait for the device: reading a value (item, bool, equality of whole tensors).
 SYNCING_OPS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.equal")
@@ -79,6 +85,43 @@ def test_bits_per_byte_leaves_special_tokens_out():
     # By hand: two <|endoftext|> tokens, each standing for 13 bytes of text.
     assert n_tokens == len(ids) - 2 and n_bytes == len(text.encode()) - 2 * 13
     assert bits_per_byte(math.log(2), n_tokens, n_bytes) == pytest.approx(n_tokens / n_bytes)
+
+
+class SignalledTracker(NoTracker):
+    """A tracker whose first report receives a Ctrl+C in the middle, as tqdm or ClearML would, holding a lock."""
+
+    def __init__(self):
+        self.reports: list[str] = []
+
+    def report_scalar(self, title, series, value, step):
+        if not self.reports:
+            os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode, inside this call
+        self.reports.append(f"{title}/{series}")
+
+    def report_sample(self, *args):
+        self.reports.append("sample")
+
+
+def test_ctrl_c_while_an_evaluation_reports_stops_before_the_sample_with_the_report_whole():
+    cfg = flags("--vocab_size", "260", "--eval_iters", "1", "--sample_tokens", "3")
+    text = TRAIN_SAMPLE.read_text(encoding="utf-8")[:5000]
+    tokenizer = Tokenizer.train(text, cfg.vocab_size)
+    ids = np.array(tokenizer.encode(text), dtype=np.uint16)
+    splits = data.Splits(train=ids[:1000], val=ids[1000:], val_bytes=len(text), tokenizer=tokenizer, tag="t")
+    machine = devices.Machine("cpu", "float32")
+    model = main.build_model(cfg, tokenizer.vocab_size, machine, None)
+    batches = data.Batches(splits.train, cfg.batch_size, cfg.block_size, cfg.seed, "cpu")
+    state = TrainState(model, main.build_optimizer(model, cfg, "cpu"), torch.amp.GradScaler("cpu", enabled=False),
+                       batches, "cpu", cfg.seed)  # fmt: skip
+    tracker, stop = SignalledTracker(), ending.StopFlag()
+    run = loop.Run(cfg=cfg, machine=machine, splits=splits, step_model=model, eval_model=model, tracker=tracker,
+                   record=NoTracker(), stop=stop, checkpoints=None, early_abort=None, resumed=False)  # fmt: skip
+    stop.install()
+    with pytest.raises(KeyboardInterrupt):  # the run then saves its checkpoint and ends (exit 130)
+        loop.evaluate(run, state)
+    assert stop.requested
+    assert tracker.reports == ["Loss/train", "Loss/val", "BPB/val"]  # whole, and no sample drawn after the signal
+    assert state.samples == []
 
 
 @pytest.fixture
