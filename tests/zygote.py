@@ -10,8 +10,8 @@ pipes, timeouts and exit codes are the real ones.
 Design choices:
 - Only libraries that read nothing of the run's environment when imported are preloaded: not the project's
   modules (each test's copy is imported fresh in the child, edited or not), not ClearML (its configuration follows
-  HOME and CLEARML_*). Every worker's environment has OMP_NUM_THREADS=1 (conftest.py) before torch is imported,
-  as every program's has.
+  HOME and CLEARML_*). The zygote imports with OMP_NUM_THREADS=1, as every program the tests start has it
+  (conftest.py); a program asked to run with other threads starts as a new interpreter.
 - The zygote imports and forks from one thread, and runs no torch operation, so a child starts with no thread pool
   and no lock held.
 - A child is the zygote's, not the test's: the zygote reaps it and writes its wait status to a pipe the test
@@ -165,7 +165,7 @@ class Zygote:
 
     def start(self) -> None:
         self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # no thread pool to fork
         self.process = subprocess.Popen(
             [sys.executable, __file__, str(theirs.fileno())], pass_fds=[theirs.fileno()], env=env,
             stdin=subprocess.DEVNULL,
@@ -174,7 +174,8 @@ class Zygote:
 
     def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
         """subprocess.Popen([sys.executable, *argv], **kwargs), from the zygote unless TESTS_FRESH_PROCESSES=1."""
-        if os.environ.get("TESTS_FRESH_PROCESSES") == "1":
+        threads = (kwargs.get("env") or os.environ).get("OMP_NUM_THREADS")
+        if os.environ.get("TESTS_FRESH_PROCESSES") == "1" or threads != "1":  # torch sized its pools on import
             return subprocess.Popen([sys.executable, *argv], **kwargs)
         return Child(self, [sys.executable, *argv], **kwargs)
 
