@@ -61,7 +61,7 @@ def serve(channel: socket.socket) -> tuple[dict, list[int]] | None:
         status_pipes[pid] = fds.pop()
         for fd in fds:
             os.close(fd)
-        channel.send(str(pid).encode())
+        channel.send(f"{json.loads(message)['id']} {pid}".encode())
 
 
 def report_ended(status_pipes: dict[int, int]) -> None:
@@ -148,20 +148,23 @@ class Zygote:
     """The test process's end of one zygote, started when first needed and ended with the test process."""
 
     def __init__(self):
-        self.lock, self.channel, self.process = threading.Lock(), None, None
+        self.lock, self.channel, self.process, self.requests = threading.Lock(), None, None, 0
 
     def fork(self, request: dict, fds: list[int]) -> int:
+        """The pid of a child started for `request`, with `fds` as its standard streams and status pipe."""
         with self.lock:
             if self.process is None:
                 self.start()
+            self.requests += 1
             try:
-                socket.send_fds(self.channel, [json.dumps(request).encode()], fds)
-                pid = self.channel.recv(64)
-            except OSError:  # the zygote is gone
-                pid = b""
-            if not pid:
-                raise RuntimeError(f"the zygote ended with exit code {self.process.wait()}: see its stderr above")
-            return int(pid)
+                socket.send_fds(self.channel, [json.dumps({**request, "id": self.requests}).encode()], fds)
+                while True:  # a reply left unread by a test its timeout ended in here belongs to no one now
+                    answer, pid = self.channel.recv(64).decode().split()
+                    if int(answer) == self.requests:
+                        return int(pid)
+            except (OSError, ValueError) as e:  # an empty reply: the zygote is gone
+                message = f"the zygote ended with exit code {self.process.wait()}: see its stderr above"
+                raise RuntimeError(message) from e
 
     def start(self) -> None:
         self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
