@@ -51,17 +51,18 @@ def serve(channel: socket.socket) -> tuple[dict, list[int]] | None:
         message, fds, _, _ = socket.recv_fds(channel, MESSAGE_MAX, 4)
         if not message:
             return None
+        request = json.loads(message)
         pid = os.fork()
         if pid == 0:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             for fd in [wakeup_read, wakeup_write, channel.detach(), *status_pipes.values(), fds.pop()]:
                 os.close(fd)
-            return json.loads(message), fds
+            return request, fds
         status_pipes[pid] = fds.pop()
         for fd in fds:
             os.close(fd)
-        channel.send(f"{json.loads(message)['id']} {pid}".encode())
+        channel.send(f"{request['id']} {pid}".encode())
 
 
 def report_ended(status_pipes: dict[int, int]) -> None:
